@@ -1,0 +1,440 @@
+import functools as ft
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import optimistix as optx
+from equinox.internal._primitive import _missing_dynamic
+from jax._src.interpreters.batching import fancy_primitive_batchers as _batchers
+from jaxtyping import Array, PyTree
+
+from ._anderson import AndersonAcceleration
+from ._misc import tree_allfinite, tree_rms, tree_scale
+from ._solution import RESULTS
+
+
+_FixedPointOrRoot = optx.AbstractFixedPointSolver | optx.AbstractRootFinder
+
+
+class LeastControlAdjoint(optx.AbstractAdjoint):
+    r"""Backpropagate through a fixed-point or root solve with the least-control
+    principle instead of the implicit function theorem.
+
+    Pass it as `adjoint=` to `optx.fixed_point` or `optx.root_find`; nothing else
+    changes. The forward pass is the user's solver, untouched. On the backward pass,
+    with incoming cotangent `ḡ = ∂ℓ/∂y*`, it drives the layer's dynamics
+    `f(y, θ)` (`fn(y, args) - y` for a fixed point, `fn(y, args)` for a root) with the
+    least control `ψ` that holds the output at a minimum of the linearised loss
+    `ḡᵀy`, leaking at strength `β`:
+
+    $$f(y_c, θ) + ψ = 0, \qquad (∂_y f(y_c, θ))^\top ψ = β\,ḡ,$$
+
+    warm-started at `(y*, 0)`, and returns `θ̄ = -(∂_θ f(y_c, θ))^\top ψ / β` to every
+    differentiable input (`args`, arrays closed over by `fn`, array fields of the
+    solver). `y0` gets no gradient. Equivalently, `y_c` is a stationary point of
+    `½‖f(y, θ)‖² + β ḡᵀy` and `θ̄` is the gradient of its minimum value over `β`.
+
+    **Strength.** `β = strength / rms(ḡ)`, so `strength` is the root-mean-square size
+    of the control force per state component, whatever the scale of the loss (sum or
+    mean, batch size). As `strength → 0` the result is exactly the implicit gradient
+    (what [`optimistix.ImplicitAdjoint`][] returns); for linear dynamics it is exact at
+    any strength. A larger strength evaluates the update at a state moved further
+    towards lower loss (a non-infinitesimal learning signal) and makes the controlled
+    system stiffer. Choose it relative to the size of the state: with states of order
+    one (e.g. `tanh` units) `1e-2` changes the update by about a percent; `1e-6`
+    reproduces the implicit gradient to about six digits.
+
+    **Solving the controlled equilibrium.** Unknowns `(y, λ = ψ/β)`, a root problem
+    `(f(y) + βλ, (∂_y f)^\top λ - ḡ) = 0` (scaled so that its tolerances are relative
+    to `rms(ḡ)`). With `solver=None`:
+
+    - fixed-point problems (`optx.fixed_point` with a fixed-point solver) iterate the
+        joint map `(y, λ) ↦ (fn(y) + βλ, (∂_y fn)^\top λ - ḡ)` with
+        [`lcp_solvers.AndersonAcceleration`][]: one vector-Jacobian product of `fn`
+        per step, no Jacobian materialised;
+    - root problems (including `optx.fixed_point` solved by a root finder) use
+        `optx.Newton` on the joint root problem with a dense LU solve; pass
+        `solver=optx.Newton(rtol, atol, linear_solver=lx.GMRES(...))` for a
+        matrix-free Newton–Krylov solve on large states.
+
+    Any `optx.AbstractFixedPointSolver` (applied to the joint map) or
+    `optx.AbstractRootFinder` (applied to the joint root problem) can be passed.
+
+    **Forward mode.** The result is not linear in `ḡ`, so it is a custom VJP:
+    `jax.jvp`/`jax.jacfwd` through it raise an error. Use `optx.ImplicitAdjoint` for
+    forward-mode derivatives.
+    """
+
+    strength: float = 1e-2
+    solver: _FixedPointOrRoot | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    max_steps: int | None = eqx.field(static=True, default=1024)
+    throw: bool = eqx.field(static=True, default=True)
+
+    def __check_init__(self):
+        if isinstance(self.strength, (int, float)) and not self.strength > 0:
+            raise ValueError(
+                f"`LeastControlAdjoint(strength=...)` must be positive, got "
+                f"{self.strength}. Use a small value such as 1e-6 to recover the "
+                "implicit gradient."
+            )
+        if self.solver is not None and not isinstance(
+            self.solver, (optx.AbstractFixedPointSolver, optx.AbstractRootFinder)
+        ):
+            raise ValueError(
+                "`LeastControlAdjoint(solver=...)` must be an optimistix fixed-point "
+                "solver (e.g. `lcp.AndersonAcceleration`, `optx.FixedPointIteration`) "
+                "or root finder (e.g. `optx.Newton`), got "
+                f"{type(self.solver).__name__}."
+            )
+
+    def apply(
+        self,
+        primal_fn: Callable,
+        rewrite_fn: Callable,
+        inputs: PyTree,
+        tags: frozenset[object],
+    ) -> PyTree[Array]:
+        forward_solver = inputs[1]
+        # optimistix re-routes a fixed-point or root problem through a minimiser or a
+        # least-squares solver by rewriting the optimality condition as the gradient of
+        # ½‖f‖²; the least-control update of that rewritten system is not the update
+        # of the user's dynamics, so refuse rather than return something else.
+        if _is_rerouted(forward_solver):
+            raise ValueError(
+                "`LeastControlAdjoint` supports `optx.fixed_point` and "
+                "`optx.root_find` with a fixed-point solver (e.g. "
+                "`optx.FixedPointIteration`, `lcp.AndersonAcceleration`) or a root "
+                "finder (e.g. `optx.Newton`, `optx.Chord`), got "
+                f"{type(forward_solver.solver).__name__}, a minimiser or least-squares "
+                "solver. Use a root finder such as `optx.Newton`, or "
+                "`adjoint=optx.ImplicitAdjoint()`."
+            )
+        fixed_point_form = isinstance(forward_solver, optx.AbstractFixedPointSolver)
+        inputs = inputs + (ft.partial(eqxi.while_loop, kind="lax"),)
+        root, residual = _least_control_impl(
+            primal_fn, rewrite_fn, inputs, self, fixed_point_form
+        )
+        return root, jtu.tree_map(eqxi.nondifferentiable_backward, residual)
+
+
+LeastControlAdjoint.__init__.__doc__ = """**Arguments:**
+
+- `strength`: the control strength, as the root-mean-square control force per state
+    component (`β = strength / rms(ḡ)`). Small values recover the implicit gradient.
+- `solver`: the solver of the controlled equilibrium; `None` picks
+    `lcp.AndersonAcceleration` for fixed-point problems and `optx.Newton` for root
+    problems, with the tolerances below.
+- `rtol`, `atol`: tolerances of the controlled solve (relative to `rms(ḡ)` for the
+    control part). `None` follows the forward solver's `rtol`/`atol`, so a forward pass
+    solved to `1e-12` gets a backward pass of matching accuracy. Ignored when `solver`
+    is given (it carries its own).
+- `max_steps`: the most steps of the controlled solve.
+- `throw`: if `True`, a backward pass that fails (non-finite cotangent or state, a
+    controlled solve that does not converge or diverges) raises an error saying what to
+    change. If `False` it returns the best estimate it has.
+"""
+
+
+def _is_rerouted(solver) -> bool:
+    inner = getattr(solver, "solver", None)
+    routed = (optx.AbstractMinimiser, optx.AbstractLeastSquaresSolver)
+    return (
+        isinstance(solver, routed)
+        and isinstance(inner, routed)
+        and type(solver).__module__.startswith("optimistix")
+    )
+
+
+# The layer is a custom JVP (like `optx.ImplicitAdjoint`) whose tangent is produced by
+# the linear primitive `_tangent_p`. Evaluating that primitive is the implicit JVP, so
+# forward mode works and gives implicit-function-theorem tangents. Reverse mode
+# transposes it, and the transpose rule is the least-control VJP: this is how a
+# cotangent map that is not linear in the cotangent gets into JAX's reverse mode while
+# forward mode stays available.
+@eqx.filter_custom_jvp
+def _least_control_impl(primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form):
+    del rewrite_fn, adjoint, fixed_point_form
+    return jtu.tree_map(jnp.asarray, primal_fn(inputs))
+
+
+def _is_none(x):
+    return x is None
+
+
+@_least_control_impl.def_jvp
+def _least_control_jvp(primals, tangents):
+    primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form = primals
+    t_inputs = tangents[2]
+    no_tangent = jtu.tree_map(_is_none, t_inputs, is_leaf=_is_none)
+    nondiff, diff = eqx.partition(inputs, no_tangent, is_leaf=_is_none)
+    t_diff = eqx.filter(t_inputs, jtu.tree_map(lambda x: not x, no_tangent))
+    root, residual = _least_control_impl(
+        primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form
+    )
+    (t_root,) = eqxi.filter_primitive_bind(
+        _tangent_p,
+        t_diff,
+        root,
+        residual,
+        diff,
+        nondiff,
+        rewrite_fn,
+        adjoint,
+        fixed_point_form,
+    )
+    t_residual = jax.custom_derivatives.zero_from_primal(  # pyright: ignore
+        residual, symbolic_zeros=True
+    )
+    return (root, residual), (t_root, t_residual)
+
+
+def _rewrite_at(rewrite_fn, residual, nondiff):
+    def f(y, diff):
+        return rewrite_fn(y, residual, eqx.combine(diff, nondiff))
+
+    return f
+
+
+def _tangent_impl(
+    t_diff, root, residual, diff, nondiff, rewrite_fn, adjoint, fixed_point_form
+):
+    del adjoint, fixed_point_form
+    f = _rewrite_at(rewrite_fn, residual, nondiff)
+    t_diff = jtu.tree_map(
+        lambda d, t: t if d is None or t is not None else jnp.zeros_like(d),
+        diff,
+        t_diff,
+        is_leaf=_is_none,
+    )
+    _, rhs = jax.jvp(lambda d: f(root, d), (diff,), (t_diff,))
+    operator = lx.JacobianLinearOperator(lambda y, _: f(y, diff), root)
+    sol = lx.linear_solve(operator, rhs, lx.AutoLinearSolver(well_posed=None))
+    return (jtu.tree_map(jnp.negative, sol.value),)
+
+
+def _tangent_abstract_eval(
+    t_diff, root, residual, diff, nondiff, rewrite_fn, adjoint, fixed_point_form
+):
+    to_struct = lambda x: (
+        jax.ShapeDtypeStruct(x.shape, x.dtype)
+        if isinstance(x, jax.core.ShapedArray)
+        else x
+    )
+    arrays = (root, residual, diff, nondiff, t_diff, adjoint)
+    root, residual, diff, nondiff, t_diff, adjoint = jtu.tree_map(to_struct, arrays)
+    out = eqx.filter_eval_shape(
+        _tangent_impl,
+        t_diff,
+        root,
+        residual,
+        diff,
+        nondiff,
+        rewrite_fn,
+        adjoint,
+        fixed_point_form,
+    )
+    return jtu.tree_map(
+        lambda x: jax.core.ShapedArray(x.shape, x.dtype), out
+    )
+
+
+def _tangent_jvp(primals, tangents):
+    del primals, tangents
+    raise NotImplementedError(
+        "Higher-order derivatives through `LeastControlAdjoint` are not supported: "
+        "its backward pass is a least-control solve, not a differentiable linear map. "
+        "Use `optx.ImplicitAdjoint()` for Hessians and other higher-order derivatives."
+    )
+
+
+def _tangent_transpose(inputs, cts_out):
+    t_diff, root, residual, diff, nondiff, rewrite_fn, adjoint, fixed_point_form = (
+        inputs
+    )
+    (ct_root,) = cts_out
+    theta_bar = least_control_vjp(
+        _rewrite_at(rewrite_fn, residual, nondiff),
+        root,
+        diff,
+        ct_root,
+        adjoint=adjoint,
+        fixed_point_form=fixed_point_form,
+        forward_solver=eqx.combine(diff, nondiff)[1],
+    )
+    ct_t_diff = jtu.tree_map(
+        lambda t, g: g if isinstance(t, jax.interpreters.ad.UndefinedPrimal) else None,
+        t_diff,
+        theta_bar,
+        is_leaf=lambda x: x is None or isinstance(x, jax.interpreters.ad.UndefinedPrimal),
+    )
+    none = lambda tree: jtu.tree_map(lambda _: None, tree)
+    return (
+        ct_t_diff,
+        none(root),
+        none(residual),
+        none(diff),
+        none(nondiff),
+        none(rewrite_fn),
+        none(adjoint),
+        none(fixed_point_form),
+    )
+
+
+_tangent_p = eqxi.create_vprim(
+    "least_control_tangent",
+    eqxi.filter_primitive_def(_tangent_impl),
+    eqxi.filter_primitive_def(_tangent_abstract_eval),
+    eqxi.filter_primitive_jvp(_tangent_jvp),
+    eqxi.filter_primitive_transpose(materialise_zeros=True)(_tangent_transpose),
+)
+_vprim_batch_rule = _batchers[_tangent_p]
+
+
+def _tangent_batch_rule(axis_data, inputs, batch_axes, **params):
+    # Under `vmap`, a tangent of an unbatched parameter (shared weights) is unbatched
+    # while its least-control cotangent is per sample. Broadcasting the tangent makes
+    # the transpose per sample too; JAX transposes the broadcast into the batch sum.
+    num_tangent_leaves = params["treedef"].children()[0].num_leaves
+    static = params["static"]
+    num_tangent_dynamic = sum(
+        1 for x in static[:num_tangent_leaves] if x is _missing_dynamic
+    )
+    if any(b is not None for b in batch_axes):
+        inputs = list(inputs)
+        batch_axes = list(batch_axes)
+        for i in range(num_tangent_dynamic):
+            if batch_axes[i] is None:
+                x = inputs[i]
+                inputs[i] = jnp.broadcast_to(x[None], (axis_data.size,) + x.shape)
+                batch_axes[i] = 0
+    return _vprim_batch_rule(axis_data, tuple(inputs), tuple(batch_axes), **params)
+
+
+_batchers[_tangent_p] = _tangent_batch_rule
+
+
+def least_control_vjp(
+    f: Callable[[PyTree[Array], PyTree], PyTree[Array]],
+    root: PyTree[Array],
+    theta: PyTree,
+    grad_root: PyTree[Array],
+    *,
+    adjoint: LeastControlAdjoint,
+    fixed_point_form: bool,
+    forward_solver: Any = None,
+) -> PyTree:
+    """The least-control vector-Jacobian product for the dynamics `f(y, theta)`,
+    equilibrium `root` and cotangent `grad_root`: returns `-(∂θ f(y_c))ᵀ ψ / β` with the
+    structure of `theta` (zeros where `theta` has no inexact arrays).
+
+    Shared by `LeastControlAdjoint` and the jaxopt-style decorators.
+    """
+    diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
+
+    def f_diff(y, d):
+        return f(y, eqx.combine(d, static_theta))
+
+    g_scale = tree_rms(grad_root)
+    if adjoint.throw:
+        finite = tree_allfinite(grad_root)
+        g_scale = RESULTS.nonfinite_cotangent.error_if(
+            g_scale, jnp.invert(finite)
+        )
+        g_scale = RESULTS.nonfinite_state.error_if(
+            g_scale, jnp.invert(tree_allfinite(root))
+        )
+    # An all-zero cotangent has an all-zero update; avoid dividing by zero.
+    safe_scale = jnp.where(g_scale > 0, g_scale, 1)
+    g_hat = tree_scale(grad_root, 1 / safe_scale)
+    strength = jnp.asarray(adjoint.strength, dtype=_float_dtype(root))
+
+    solver = _controlled_solver(adjoint, fixed_point_form, forward_solver)
+    lam0 = jtu.tree_map(jnp.zeros_like, root)
+
+    if isinstance(solver, optx.AbstractFixedPointSolver):
+
+        def joint(z, d):
+            y, lam = z
+            # One VJP per step gives both f(y) and (∂y f)ᵀ λ.
+            f_y, vjp = jax.vjp(lambda _y: f_diff(_y, d), y)
+            (jt_lam,) = vjp(lam)
+            new_y = jtu.tree_map(lambda a, b, c: a + b + strength * c, y, f_y, lam)
+            new_lam = jtu.tree_map(lambda a, b, c: a + b - c, lam, jt_lam, g_hat)
+            return new_y, new_lam
+
+        sol = optx.fixed_point(
+            joint,
+            solver,
+            (root, lam0),
+            diff_theta,
+            max_steps=adjoint.max_steps,
+            throw=False,
+        )
+    else:
+
+        def joint(z, d):
+            y, lam = z
+            f_y, vjp = jax.vjp(lambda _y: f_diff(_y, d), y)
+            (jt_lam,) = vjp(lam)
+            r1 = jtu.tree_map(lambda a, c: a + strength * c, f_y, lam)
+            r2 = jtu.tree_map(jnp.subtract, jt_lam, g_hat)
+            return r1, r2
+
+        sol = optx.root_find(
+            joint,
+            solver,
+            (root, lam0),
+            diff_theta,
+            max_steps=adjoint.max_steps,
+            throw=False,
+        )
+    y_c, lam = sol.value
+    result = RESULTS.promote(sol.result)
+    result = RESULTS.where(
+        result == RESULTS.nonlinear_max_steps_reached,
+        RESULTS.control_max_steps_reached,
+        result,
+    )
+    result = RESULTS.where(
+        (result == RESULTS.nonlinear_divergence) | (result == RESULTS.nonfinite),
+        RESULTS.control_divergence,
+        result,
+    )
+    if adjoint.throw:
+        lam = result.error_if(lam, result != RESULTS.successful)
+    _, vjp_theta = jax.vjp(lambda d: f_diff(y_c, d), diff_theta)
+    (theta_bar,) = vjp_theta(lam)
+    theta_bar = tree_scale(theta_bar, -g_scale)
+    return eqx.combine(theta_bar, jtu.tree_map(lambda _: None, static_theta))
+
+
+def _float_dtype(tree):
+    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
+    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+
+
+def _controlled_solver(adjoint, fixed_point_form, forward_solver):
+    if adjoint.solver is not None:
+        return adjoint.solver
+    rtol, atol = adjoint.rtol, adjoint.atol
+    if rtol is None:
+        rtol = getattr(forward_solver, "rtol", None)
+    if atol is None:
+        atol = getattr(forward_solver, "atol", None)
+    if rtol is None or atol is None:
+        raise ValueError(
+            "`LeastControlAdjoint` could not read `rtol`/`atol` from the forward "
+            "solver; pass `LeastControlAdjoint(rtol=..., atol=...)`."
+        )
+    if fixed_point_form:
+        return AndersonAcceleration(rtol=rtol, atol=atol)
+    return optx.Newton(
+        rtol=rtol, atol=atol, linear_solver=lx.AutoLinearSolver(well_posed=None)
+    )
