@@ -180,19 +180,31 @@ def _least_control_jvp(primals, tangents):
     )
     (t_root,) = eqxi.filter_primitive_bind(
         _tangent_p,
-        t_diff,
-        root,
-        residual,
-        diff,
-        nondiff,
+        _Problem(t_diff, root, residual, diff, nondiff),
         rewrite_fn,
         adjoint,
         fixed_point_form,
+        None,
     )
     t_residual = jax.custom_derivatives.zero_from_primal(  # pyright: ignore
         residual, symbolic_zeros=True
     )
     return (root, residual), (t_root, t_residual)
+
+
+class _Problem(eqx.Module):
+    t_diff: Any  # the only input the tangent is linear in
+    root: Any
+    residual: Any
+    diff: Any
+    nondiff: Any
+
+
+class _Batching(eqx.Module):
+    # How `_tangent_p` is vectorised when it handles `vmap` itself: `axes` is a
+    # `_Problem` of batch axes (0 or None per array). Static, so hashable.
+    size: int = eqx.field(static=True)
+    axes: Any = eqx.field(static=True)
 
 
 def _rewrite_at(rewrite_fn, residual, nondiff):
@@ -202,89 +214,162 @@ def _rewrite_at(rewrite_fn, residual, nondiff):
     return f
 
 
-def _tangent_impl(
-    t_diff, root, residual, diff, nondiff, rewrite_fn, adjoint, fixed_point_form
-):
-    del adjoint, fixed_point_form
-    f = _rewrite_at(rewrite_fn, residual, nondiff)
+def _implicit_tangent(problem: _Problem, rewrite_fn):
+    f = _rewrite_at(rewrite_fn, problem.residual, problem.nondiff)
     t_diff = jtu.tree_map(
         lambda d, t: t if d is None or t is not None else jnp.zeros_like(d),
-        diff,
-        t_diff,
+        problem.diff,
+        problem.t_diff,
         is_leaf=_is_none,
     )
-    _, rhs = jax.jvp(lambda d: f(root, d), (diff,), (t_diff,))
-    operator = lx.JacobianLinearOperator(lambda y, _: f(y, diff), root)
+    _, rhs = jax.jvp(lambda d: f(problem.root, d), (problem.diff,), (t_diff,))
+    operator = lx.JacobianLinearOperator(lambda y, _: f(y, problem.diff), problem.root)
     sol = lx.linear_solve(operator, rhs, lx.AutoLinearSolver(well_posed=None))
-    return (jtu.tree_map(jnp.negative, sol.value),)
+    return jtu.tree_map(jnp.negative, sol.value)
 
 
-def _tangent_abstract_eval(
-    t_diff, root, residual, diff, nondiff, rewrite_fn, adjoint, fixed_point_form
-):
+def _tangent_impl(problem, rewrite_fn, adjoint, fixed_point_form, batching):
+    del adjoint, fixed_point_form
+    if batching is None:
+        return (_implicit_tangent(problem, rewrite_fn),)
+    tangent = eqx.filter_vmap(
+        _implicit_tangent, in_axes=(batching.axes, None), axis_size=batching.size
+    )
+    return (tangent(problem, rewrite_fn),)
+
+
+def _tangent_abstract_eval(problem, rewrite_fn, adjoint, fixed_point_form, batching):
     to_struct = lambda x: (
         jax.ShapeDtypeStruct(x.shape, x.dtype)
         if isinstance(x, jax.core.ShapedArray)
         else x
     )
-    arrays = (root, residual, diff, nondiff, t_diff, adjoint)
-    root, residual, diff, nondiff, t_diff, adjoint = jtu.tree_map(to_struct, arrays)
+    problem, adjoint = jtu.tree_map(to_struct, (problem, adjoint))
     out = eqx.filter_eval_shape(
-        _tangent_impl,
-        t_diff,
-        root,
-        residual,
-        diff,
-        nondiff,
-        rewrite_fn,
-        adjoint,
-        fixed_point_form,
+        _tangent_impl, problem, rewrite_fn, adjoint, fixed_point_form, batching
     )
-    return jtu.tree_map(
-        lambda x: jax.core.ShapedArray(x.shape, x.dtype), out
-    )
+    return jtu.tree_map(lambda x: jax.core.ShapedArray(x.shape, x.dtype), out)
 
 
 def _tangent_jvp(primals, tangents):
     del primals, tangents
     raise NotImplementedError(
-        "Higher-order derivatives through `LeastControlAdjoint` are not supported: "
-        "its backward pass is a least-control solve, not a differentiable linear map. "
-        "Use `optx.ImplicitAdjoint()` for Hessians and other higher-order derivatives."
+        "Second-order forward-mode derivatives (e.g. `jax.jacfwd(jax.jacfwd(...))`) "
+        "through `LeastControlAdjoint` are not supported: its forward mode is the "
+        "implicit JVP, and differentiating that again is not implemented. Use "
+        "`optx.ImplicitAdjoint()` for them."
     )
+
+
+def _is_undefined(x):
+    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)
 
 
 def _tangent_transpose(inputs, cts_out):
-    t_diff, root, residual, diff, nondiff, rewrite_fn, adjoint, fixed_point_form = (
-        inputs
-    )
+    problem, rewrite_fn, adjoint, fixed_point_form, batching = inputs
     (ct_root,) = cts_out
-    theta_bar = least_control_vjp(
-        _rewrite_at(rewrite_fn, residual, nondiff),
-        root,
-        diff,
-        ct_root,
-        adjoint=adjoint,
-        fixed_point_form=fixed_point_form,
-        forward_solver=eqx.combine(diff, nondiff)[1],
-    )
+    forward_solver = eqx.combine(problem.diff, problem.nondiff)[1]
+
+    def equilibrium(root, residual, diff, nondiff, ct):
+        return controlled_equilibrium(
+            _rewrite_at(rewrite_fn, residual, nondiff),
+            root,
+            diff,
+            ct,
+            adjoint=adjoint,
+            fixed_point_form=fixed_point_form,
+            forward_solver=forward_solver,
+        )
+
+    def dynamics(y, residual, diff, nondiff):
+        return _rewrite_at(rewrite_fn, residual, nondiff)(y, diff)
+
+    diff = problem.diff
+    if batching is None:
+        y_c, weight = equilibrium(
+            problem.root, problem.residual, diff, problem.nondiff, ct_root
+        )
+        _, vjp = jax.vjp(
+            lambda d: dynamics(y_c, problem.residual, d, problem.nondiff), diff
+        )
+        (theta_bar,) = vjp(weight)
+    else:
+        # Solve each sample's controlled equilibrium on its own (its own cotangent
+        # scale), then take one VJP of the vectorised dynamics: JAX contracts over the
+        # batch for shared parameters instead of forming a per-sample gradient.
+        axes = batching.axes
+        t_batched = jtu.tree_map(
+            lambda t, a: a is not None,
+            problem.t_diff,
+            axes.t_diff,
+            is_leaf=_is_undefined,
+        )
+        # A tangent batched where its parameter is not (vmap over tangents only) needs
+        # a per-sample cotangent: broadcast that parameter.
+        diff = jtu.tree_map(
+            lambda d, tb, a: (
+                jnp.broadcast_to(d, (batching.size,) + d.shape)
+                if tb and a is None and d is not None
+                else d
+            ),
+            diff,
+            t_batched,
+            axes.diff,
+            is_leaf=_is_none,
+        )
+        diff_axes = jtu.tree_map(
+            lambda tb, a: 0 if tb else a, t_batched, axes.diff, is_leaf=_is_none
+        )
+        in_axes = (0, axes.residual, diff_axes, axes.nondiff)
+        batched_dynamics = eqx.filter_vmap(
+            dynamics, in_axes=in_axes, axis_size=batching.size
+        )
+        root = problem.root
+        if axes.root is None:
+            root = jtu.tree_map(
+                lambda x: jnp.broadcast_to(x, (batching.size,) + x.shape), root
+            )
+        # All samples' controlled equilibria are solved as one system (each with its
+        # own cotangent scale) rather than by a vectorised solver: a `vmap`ped loop
+        # carries and masks every sample's solver state at every step, which costs
+        # more than the solve itself on small per-sample problems.
+        y_c, weight = controlled_equilibrium(
+            lambda y, d: batched_dynamics(y, problem.residual, d, problem.nondiff),
+            root,
+            diff,
+            ct_root,
+            adjoint=adjoint,
+            fixed_point_form=fixed_point_form,
+            forward_solver=forward_solver,
+            per_sample=True,
+        )
+        _, vjp = jax.vjp(
+            lambda d: batched_dynamics(y_c, problem.residual, d, problem.nondiff),
+            diff,
+        )
+        (theta_bar,) = vjp(weight)
+        theta_bar = jtu.tree_map(
+            lambda g, tb, a: g if tb or a is None or g is None else g.sum(0),
+            theta_bar,
+            t_batched,
+            diff_axes,
+            is_leaf=_is_none,
+        )
     ct_t_diff = jtu.tree_map(
-        lambda t, g: g if isinstance(t, jax.interpreters.ad.UndefinedPrimal) else None,
-        t_diff,
+        lambda t, g: g if _is_undefined(t) else None,
+        problem.t_diff,
         theta_bar,
-        is_leaf=lambda x: x is None or isinstance(x, jax.interpreters.ad.UndefinedPrimal),
+        is_leaf=lambda x: x is None or _is_undefined(x),
     )
     none = lambda tree: jtu.tree_map(lambda _: None, tree)
-    return (
+    ct_problem = _Problem(
         ct_t_diff,
-        none(root),
-        none(residual),
-        none(diff),
-        none(nondiff),
-        none(rewrite_fn),
-        none(adjoint),
-        none(fixed_point_form),
+        none(problem.root),
+        none(problem.residual),
+        none(problem.diff),
+        none(problem.nondiff),
     )
+    return ct_problem, none(rewrite_fn), none(adjoint), None, none(batching)
 
 
 _tangent_p = eqxi.create_vprim(
@@ -294,33 +379,46 @@ _tangent_p = eqxi.create_vprim(
     eqxi.filter_primitive_jvp(_tangent_jvp),
     eqxi.filter_primitive_transpose(materialise_zeros=True)(_tangent_transpose),
 )
-_vprim_batch_rule = _batchers[_tangent_p]
+_generic_batch_rule = _batchers[_tangent_p]
 
 
-def _tangent_batch_rule(axis_data, inputs, batch_axes, **params):
-    # Under `vmap`, a tangent of an unbatched parameter (shared weights) is unbatched
-    # while its least-control cotangent is per sample. Broadcasting the tangent makes
-    # the transpose per sample too; JAX transposes the broadcast into the batch sum.
-    num_tangent_leaves = params["treedef"].children()[0].num_leaves
-    static = params["static"]
-    num_tangent_dynamic = sum(
-        1 for x in static[:num_tangent_leaves] if x is _missing_dynamic
+def _tangent_batch_rule(axis_data, values, dims, *, treedef, static, flatten):
+    params = dict(treedef=treedef, static=static, flatten=flatten)
+    if all(d is None for d in dims):
+        return _generic_batch_rule(axis_data, values, dims, **params)
+    values = [v if d is None else jnp.moveaxis(v, d, 0) for v, d in zip(values, dims)]
+    dims = [None if d is None else 0 for d in dims]
+    iter_values, iter_dims = iter(values), iter(dims)
+    flat = [next(iter_values) if x is _missing_dynamic else x for x in static]
+    flat_dims = [next(iter_dims) if x is _missing_dynamic else None for x in static]
+    problem, rewrite_fn, adjoint, fixed_point_form, batching = jtu.tree_unflatten(
+        treedef, flat
     )
-    if any(b is not None for b in batch_axes):
-        inputs = list(inputs)
-        batch_axes = list(batch_axes)
-        for i in range(num_tangent_dynamic):
-            if batch_axes[i] is None:
-                x = inputs[i]
-                inputs[i] = jnp.broadcast_to(x[None], (axis_data.size,) + x.shape)
-                batch_axes[i] = 0
-    return _vprim_batch_rule(axis_data, tuple(inputs), tuple(batch_axes), **params)
+    if batching is not None:
+        # Nested `vmap`: let equinox vectorise the already-batched primitive.
+        # Tangents of unbatched parameters are broadcast so that their per-sample
+        # cotangents have somewhere to go (JAX transposes the broadcast into a sum).
+        num_t = treedef.children()[0].children()[0].num_leaves
+        num_t_dynamic = sum(1 for x in static[:num_t] if x is _missing_dynamic)
+        for i in range(num_t_dynamic):
+            if dims[i] is None:
+                x = values[i]
+                values[i] = jnp.broadcast_to(x[None], (axis_data.size,) + x.shape)
+                dims[i] = 0
+        return _generic_batch_rule(axis_data, tuple(values), tuple(dims), **params)
+    axes = jtu.tree_unflatten(treedef, flat_dims)[0]
+    batching = _Batching(axis_data.size, axes)
+    out = eqxi.filter_primitive_bind(
+        _tangent_p, problem, rewrite_fn, adjoint, fixed_point_form, batching
+    )
+    flat_out = jtu.tree_leaves(out)
+    return flat_out, [0] * len(flat_out)
 
 
 _batchers[_tangent_p] = _tangent_batch_rule
 
 
-def least_control_vjp(
+def controlled_equilibrium(
     f: Callable[[PyTree[Array], PyTree], PyTree[Array]],
     root: PyTree[Array],
     theta: PyTree,
@@ -329,24 +427,26 @@ def least_control_vjp(
     adjoint: LeastControlAdjoint,
     fixed_point_form: bool,
     forward_solver: Any = None,
-) -> PyTree:
-    """The least-control vector-Jacobian product for the dynamics `f(y, theta)`,
-    equilibrium `root` and cotangent `grad_root`: returns `-(∂θ f(y_c))ᵀ ψ / β` with the
-    structure of `theta` (zeros where `theta` has no inexact arrays).
+    per_sample: bool = False,
+) -> tuple[PyTree[Array], PyTree[Array]]:
+    """Solves the leaky least-control system for the dynamics `f(y, theta)` at the
+    equilibrium `root` with cotangent `grad_root`.
 
-    Shared by `LeastControlAdjoint` and the jaxopt-style decorators.
+    With `per_sample=True` the leading axis of `root` and `grad_root` indexes
+    independent samples: each gets its own cotangent scale (as under `vmap`).
+
+    **Returns:** `(y_c, w)` with `w = ψ/β` scaled back to the cotangent's units and
+    negated, so that the least-control cotangent is `(∂θ f(y_c, θ))ᵀ w`.
     """
     diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
 
     def f_diff(y, d):
         return f(y, eqx.combine(d, static_theta))
 
-    g_scale = tree_rms(grad_root)
+    g_scale = tree_rms(grad_root, per_sample=per_sample)
     if adjoint.throw:
         finite = tree_allfinite(grad_root)
-        g_scale = RESULTS.nonfinite_cotangent.error_if(
-            g_scale, jnp.invert(finite)
-        )
+        g_scale = RESULTS.nonfinite_cotangent.error_if(g_scale, jnp.invert(finite))
         g_scale = RESULTS.nonfinite_state.error_if(
             g_scale, jnp.invert(tree_allfinite(root))
         )
@@ -358,19 +458,22 @@ def least_control_vjp(
     solver = _controlled_solver(adjoint, fixed_point_form, forward_solver)
     lam0 = jtu.tree_map(jnp.zeros_like, root)
 
+    def joint_residual(z, d):
+        y, lam = z
+        # One VJP per step gives both f(y) and (∂y f)ᵀ λ.
+        f_y, vjp = jax.vjp(lambda _y: f_diff(_y, d), y)
+        (jt_lam,) = vjp(lam)
+        r1 = jtu.tree_map(lambda a, c: a + strength * c, f_y, lam)
+        r2 = jtu.tree_map(jnp.subtract, jt_lam, g_hat)
+        return r1, r2
+
     if isinstance(solver, optx.AbstractFixedPointSolver):
 
-        def joint(z, d):
-            y, lam = z
-            # One VJP per step gives both f(y) and (∂y f)ᵀ λ.
-            f_y, vjp = jax.vjp(lambda _y: f_diff(_y, d), y)
-            (jt_lam,) = vjp(lam)
-            new_y = jtu.tree_map(lambda a, b, c: a + b + strength * c, y, f_y, lam)
-            new_lam = jtu.tree_map(lambda a, b, c: a + b - c, lam, jt_lam, g_hat)
-            return new_y, new_lam
+        def joint_map(z, d):
+            return jtu.tree_map(jnp.add, z, joint_residual(z, d))
 
         sol = optx.fixed_point(
-            joint,
+            joint_map,
             solver,
             (root, lam0),
             diff_theta,
@@ -378,17 +481,8 @@ def least_control_vjp(
             throw=False,
         )
     else:
-
-        def joint(z, d):
-            y, lam = z
-            f_y, vjp = jax.vjp(lambda _y: f_diff(_y, d), y)
-            (jt_lam,) = vjp(lam)
-            r1 = jtu.tree_map(lambda a, c: a + strength * c, f_y, lam)
-            r2 = jtu.tree_map(jnp.subtract, jt_lam, g_hat)
-            return r1, r2
-
         sol = optx.root_find(
-            joint,
+            joint_residual,
             solver,
             (root, lam0),
             diff_theta,
@@ -409,9 +503,37 @@ def least_control_vjp(
     )
     if adjoint.throw:
         lam = result.error_if(lam, result != RESULTS.successful)
-    _, vjp_theta = jax.vjp(lambda d: f_diff(y_c, d), diff_theta)
-    (theta_bar,) = vjp_theta(lam)
-    theta_bar = tree_scale(theta_bar, -g_scale)
+    return y_c, tree_scale(lam, -g_scale)
+
+
+def least_control_vjp(
+    f: Callable[[PyTree[Array], PyTree], PyTree[Array]],
+    root: PyTree[Array],
+    theta: PyTree,
+    grad_root: PyTree[Array],
+    *,
+    adjoint: LeastControlAdjoint,
+    fixed_point_form: bool,
+    forward_solver: Any = None,
+) -> PyTree:
+    """The least-control vector-Jacobian product for the dynamics `f(y, theta)`,
+    equilibrium `root` and cotangent `grad_root`: returns `-(∂θ f(y_c))ᵀ ψ / β` with the
+    structure of `theta` (`None` where `theta` has no inexact arrays).
+
+    Shared by `LeastControlAdjoint` and the jaxopt-style decorators.
+    """
+    y_c, weight = controlled_equilibrium(
+        f,
+        root,
+        theta,
+        grad_root,
+        adjoint=adjoint,
+        fixed_point_form=fixed_point_form,
+        forward_solver=forward_solver,
+    )
+    diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
+    _, vjp = jax.vjp(lambda d: f(y_c, eqx.combine(d, static_theta)), diff_theta)
+    (theta_bar,) = vjp(weight)
     return eqx.combine(theta_bar, jtu.tree_map(lambda _: None, static_theta))
 
 

@@ -11,11 +11,35 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 
 
+def _spd_solve(a: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m"]:
+    # Cholesky for a tiny (history-sized) matrix, unrolled into elementwise operations:
+    # LAPACK calls cost far more than the arithmetic at this size, once per step and
+    # per batch element.
+    m = a.shape[0]
+    lower = [[None] * m for _ in range(m)]
+    for i in range(m):
+        for j in range(i + 1):
+            s = a[i, j] - sum(lower[i][k] * lower[j][k] for k in range(j))
+            if i == j:
+                lower[i][j] = jnp.sqrt(s)
+            else:
+                lower[i][j] = s / lower[j][j]
+    y = []
+    for i in range(m):
+        y.append((b[i] - sum(lower[i][k] * y[k] for k in range(i))) / lower[i][i])
+    x = [None] * m
+    for i in reversed(range(m)):
+        x[i] = (y[i] - sum(lower[k][i] * x[k] for k in range(i + 1, m))) / lower[i][i]
+    return jnp.stack(x)
+
+
 class _AndersonState(eqx.Module):
-    # Ring buffers of the last `history_length` iterates x_i and their images G(x_i),
-    # flattened so that the mixing is a small dense least-squares problem.
-    xs: Float[Array, "m n"]
+    # Ring buffers of the last `history_length` images g_i = G(x_i) and residuals
+    # r_i = g_i - x_i, flattened so that the mixing is a small dense least-squares
+    # problem, and their Gram matrix r_iᵀr_j, updated one row per step.
     gs: Float[Array, "m n"]
+    rs: Float[Array, "m n"]
+    gram: Float[Array, "m m"]
     count: Int[Array, ""]
     relative_error: Scalar
 
@@ -39,7 +63,7 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
     atol: float
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     history_length: int = eqx.field(static=True, default=5)
-    mixing: float = 1.0
+    mixing: float = eqx.field(static=True, default=1.0)
     regularisation: float = 1e-10
 
     def __check_init__(self):
@@ -61,10 +85,12 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
     ) -> _AndersonState:
         del fn, args, options, f_struct, aux_struct, tags
         flat, _ = jfu.ravel_pytree(y)
-        buf = jnp.zeros((self.history_length, flat.size), flat.dtype)
+        m = self.history_length
+        buf = jnp.zeros((m, flat.size), flat.dtype)
         return _AndersonState(
-            xs=buf,
             gs=buf,
+            rs=buf,
+            gram=jnp.zeros((m, m), flat.dtype),
             count=jnp.array(0),
             relative_error=jnp.array(jnp.inf, dtype=flat.dtype),
         )
@@ -85,35 +111,44 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
         g_flat = g_flat.astype(x_flat.dtype)
         m = self.history_length
         slot = state.count % m
-        xs = state.xs.at[slot].set(x_flat)
-        gs = state.gs.at[slot].set(g_flat)
+        r_flat = g_flat - x_flat
+        # Masked selects rather than scatters: under `vmap` every sample has its own
+        # slot, and a select stays an elementwise, fusible operation.
+        is_slot = jnp.arange(m) == slot
+        gs = jnp.where(is_slot[:, None], g_flat[None], state.gs)
+        rs = jnp.where(is_slot[:, None], r_flat[None], state.rs)
         count = state.count + 1
         valid = jnp.arange(m) < count
+        # Only the new residual's row and column of the Gram matrix change: one pass
+        # over the history per step instead of m.
+        row = jnp.where(valid, rs @ r_flat, 0)
+        gram = jnp.where(is_slot[:, None], row[None, :], state.gram)
+        gram = jnp.where(is_slot[None, :], row[:, None], gram)
 
-        # min ‖Σ α_i r_i‖² subject to Σ α_i = 1, with r_i = g_i - x_i; unused slots
-        # are pinned to α_i = 0 by an identity row. Solved as the bordered system.
-        res = jnp.where(valid[:, None], gs - xs, 0)
-        gram = res @ res.T
+        # min ‖Σ α_i r_i‖ subject to Σ α_i = 1 is α = G⁻¹1 / (1ᵀG⁻¹1) with the
+        # (regularised, positive definite) Gram matrix G. Unused slots get identity
+        # rows and a zero right-hand side, so α_i = 0 there.
         diag_scale = jnp.max(jnp.where(valid, jnp.diag(gram), 0))
         eps = jnp.finfo(gram.dtype).tiny
         reg = self.regularisation * diag_scale + eps
         both = valid[:, None] & valid[None, :]
-        gram = jnp.where(both, gram, 0) + jnp.diag(jnp.where(valid, reg, 1))
-        ones = valid.astype(gram.dtype)
-        system = jnp.block([[gram, ones[:, None]], [ones[None, :], jnp.zeros((1, 1))]])
-        rhs = jnp.zeros(m + 1, gram.dtype).at[m].set(1)
-        alpha = jnp.linalg.solve(system, rhs)[:m]
-        # A singular mixing problem (e.g. a repeated iterate) falls back to the plain
+        system = jnp.where(both, gram, 0) + jnp.diag(jnp.where(valid, reg, 1))
+        z = _spd_solve(system, valid.astype(gram.dtype))
+        alpha = z / jnp.sum(z)
+        # A degenerate mixing problem (e.g. a repeated iterate) falls back to the plain
         # fixed-point step rather than poisoning the iterate with NaNs.
-        plain = jnp.zeros(m, gram.dtype).at[slot].set(1)
+        plain = is_slot.astype(gram.dtype)
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, plain)
-        new_flat = alpha @ (self.mixing * gs + (1 - self.mixing) * xs)
+        new_flat = alpha @ gs
+        if self.mixing != 1:
+            # x_i = g_i - r_i, so β Σα g + (1-β) Σα x = Σα g - (1-β) Σα r.
+            new_flat = new_flat - (1 - self.mixing) * (alpha @ rs)
 
         with jax.numpy_dtype_promotion("standard"):
             scale = self.atol + self.rtol * jnp.abs(g_flat)
-            relative_error = self.norm((g_flat - x_flat) / scale)
+            relative_error = self.norm(r_flat / scale)
         new_state = _AndersonState(
-            xs=xs, gs=gs, count=count, relative_error=relative_error
+            gs=gs, rs=rs, gram=gram, count=count, relative_error=relative_error
         )
         return unravel(new_flat), new_state, aux
 

@@ -9,20 +9,33 @@ def tree_allfinite(tree: PyTree[Array]) -> Array:
     return jnp.array(True) if not leaves else jnp.stack(leaves).all()
 
 
-def tree_rms(tree: PyTree[Array]) -> Scalar:
-    """Root-mean-square over every element of a pytree (0 for an empty tree)."""
+def tree_rms(tree: PyTree[Array], per_sample: bool = False) -> Array:
+    """Root-mean-square over every element of a pytree (0 for an empty tree). With
+    `per_sample=True`, one value per index of every leaf's leading axis."""
     leaves = jtu.tree_leaves(tree)
     if not leaves:
         return jnp.array(0.0)
-    size = sum(x.size for x in leaves)
-    sq = sum(jnp.sum(jnp.square(jnp.abs(x))) for x in leaves)
-    # `jnp.sqrt` has an infinite derivative at 0; nothing differentiates this, but keep
-    # the value exact for the all-zero cotangent that `LeastControlAdjoint` short-cuts.
+    if per_sample:
+        size = sum(x[0].size for x in leaves)
+        sq = sum(
+            jnp.sum(jnp.square(jnp.abs(x)).reshape(x.shape[0], -1), axis=1)
+            for x in leaves
+        )
+    else:
+        size = sum(x.size for x in leaves)
+        sq = sum(jnp.sum(jnp.square(jnp.abs(x))) for x in leaves)
     return jnp.sqrt(sq / size)
 
 
 def tree_scale(tree: PyTree[Array], s) -> PyTree[Array]:
-    return jtu.tree_map(lambda x: (s * x).astype(x.dtype), tree)
+    """Multiplies every leaf by `s`: a scalar, or one value per index of the leading
+    axis."""
+
+    def scale(x):
+        factor = jnp.reshape(s, jnp.shape(s) + (1,) * (x.ndim - jnp.ndim(s)))
+        return (factor * x).astype(x.dtype)
+
+    return jtu.tree_map(scale, tree)
 
 
 def tree_add(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
