@@ -11,6 +11,8 @@ import lineax as lx
 import optimistix as optx
 from equinox.internal._primitive import _missing_dynamic
 from jax._src.interpreters.batching import fancy_primitive_batchers as _batchers
+from jax.core import ShapedArray
+from jax.interpreters import ad
 from jaxtyping import Array, PyTree
 
 from ._anderson import AndersonAcceleration
@@ -244,15 +246,13 @@ def _tangent_impl(problem, rewrite_fn, adjoint, fixed_point_form, batching):
 
 def _tangent_abstract_eval(problem, rewrite_fn, adjoint, fixed_point_form, batching):
     to_struct = lambda x: (
-        jax.ShapeDtypeStruct(x.shape, x.dtype)
-        if isinstance(x, jax.core.ShapedArray)
-        else x
+        jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, ShapedArray) else x
     )
     problem, adjoint = jtu.tree_map(to_struct, (problem, adjoint))
     out = eqx.filter_eval_shape(
         _tangent_impl, problem, rewrite_fn, adjoint, fixed_point_form, batching
     )
-    return jtu.tree_map(lambda x: jax.core.ShapedArray(x.shape, x.dtype), out)
+    return jtu.tree_map(lambda x: ShapedArray(x.shape, x.dtype), out)
 
 
 def _tangent_jvp(primals, tangents):
@@ -266,7 +266,7 @@ def _tangent_jvp(primals, tangents):
 
 
 def _is_undefined(x):
-    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)
+    return isinstance(x, ad.UndefinedPrimal)
 
 
 def _tangent_transpose(inputs, cts_out):
@@ -333,20 +333,28 @@ def _tangent_transpose(inputs, cts_out):
             root = jtu.tree_map(
                 lambda x: jnp.broadcast_to(x, (batching.size,) + x.shape), root
             )
-        # All samples' controlled equilibria are solved as one system (each with its
-        # own cotangent scale) rather than by a vectorised solver: a `vmap`ped loop
-        # carries and masks every sample's solver state at every step, which costs
-        # more than the solve itself on small per-sample problems.
-        y_c, weight = controlled_equilibrium(
-            lambda y, d: batched_dynamics(y, problem.residual, d, problem.nondiff),
-            root,
-            diff,
-            ct_root,
-            adjoint=adjoint,
-            fixed_point_form=fixed_point_form,
-            forward_solver=forward_solver,
-            per_sample=True,
-        )
+        solver = _controlled_solver(adjoint, fixed_point_form, forward_solver)
+        if isinstance(solver, optx.AbstractFixedPointSolver):
+            # All samples' controlled equilibria are solved as one system (each with
+            # its own cotangent scale) rather than by a vectorised solver: a
+            # `vmap`ped loop carries and masks every sample's solver state at every
+            # step, which costs more than the solve itself on small problems.
+            y_c, weight = controlled_equilibrium(
+                lambda y, d: batched_dynamics(y, problem.residual, d, problem.nondiff),
+                root,
+                diff,
+                ct_root,
+                adjoint=adjoint,
+                fixed_point_form=fixed_point_form,
+                forward_solver=forward_solver,
+                per_sample=True,
+            )
+        else:
+            # A root finder (e.g. Newton's dense Jacobian) must not see the batch as
+            # one system: its linear algebra would couple all samples. Vectorise it.
+            y_c, weight = eqx.filter_vmap(
+                equilibrium, in_axes=in_axes + (0,), axis_size=batching.size
+            )(root, problem.residual, diff, problem.nondiff, ct_root)
         _, vjp = jax.vjp(
             lambda d: batched_dynamics(y_c, problem.residual, d, problem.nondiff),
             diff,
@@ -381,7 +389,7 @@ _tangent_p = eqxi.create_vprim(
     eqxi.filter_primitive_def(_tangent_impl),
     eqxi.filter_primitive_def(_tangent_abstract_eval),
     eqxi.filter_primitive_jvp(_tangent_jvp),
-    eqxi.filter_primitive_transpose(materialise_zeros=True)(_tangent_transpose),
+    eqxi.filter_primitive_transpose(materialise_zeros=True)(_tangent_transpose),  # pyright: ignore
 )
 _generic_batch_rule = _batchers[_tangent_p]
 

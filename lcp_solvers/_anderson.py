@@ -9,14 +9,12 @@ import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 
-
-
 def _spd_solve(a: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m"]:
     # Cholesky for a tiny (history-sized) matrix, unrolled into elementwise operations:
     # LAPACK calls cost far more than the arithmetic at this size, once per step and
     # per batch element.
     m = a.shape[0]
-    lower = [[None] * m for _ in range(m)]
+    lower: list[list[Any]] = [[None] * m for _ in range(m)]
     for i in range(m):
         for j in range(i + 1):
             s = a[i, j] - sum(lower[i][k] * lower[j][k] for k in range(j))
@@ -24,10 +22,10 @@ def _spd_solve(a: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " 
                 lower[i][j] = jnp.sqrt(s)
             else:
                 lower[i][j] = s / lower[j][j]
-    y = []
+    y: list[Any] = []
     for i in range(m):
         y.append((b[i] - sum(lower[i][k] * y[k] for k in range(i))) / lower[i][i])
-    x = [None] * m
+    x: list[Any] = [None] * m
     for i in reversed(range(m)):
         x[i] = (y[i] - sum(lower[k][i] * x[k] for k in range(i + 1, m))) / lower[i][i]
     return jnp.stack(x)
@@ -112,18 +110,16 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
         m = self.history_length
         slot = state.count % m
         r_flat = g_flat - x_flat
-        # Masked selects rather than scatters: under `vmap` every sample has its own
-        # slot, and a select stays an elementwise, fusible operation.
-        is_slot = jnp.arange(m) == slot
-        gs = jnp.where(is_slot[:, None], g_flat[None], state.gs)
-        rs = jnp.where(is_slot[:, None], r_flat[None], state.rs)
+        # In-place row updates: the history is the bulk of the memory traffic.
+        gs = state.gs.at[slot].set(g_flat)
+        rs = state.rs.at[slot].set(r_flat)
         count = state.count + 1
         valid = jnp.arange(m) < count
+        is_slot = jnp.arange(m) == slot
         # Only the new residual's row and column of the Gram matrix change: one pass
         # over the history per step instead of m.
         row = jnp.where(valid, rs @ r_flat, 0)
-        gram = jnp.where(is_slot[:, None], row[None, :], state.gram)
-        gram = jnp.where(is_slot[None, :], row[:, None], gram)
+        gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
 
         # min ‖Σ α_i r_i‖ subject to Σ α_i = 1 is α = G⁻¹1 / (1ᵀG⁻¹1) with the
         # (regularised, positive definite) Gram matrix G. Unused slots get identity

@@ -1,7 +1,7 @@
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, PyTree, Scalar
+from jaxtyping import Array, PyTree
 
 
 def tree_allfinite(tree: PyTree[Array]) -> Array:
