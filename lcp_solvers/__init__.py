@@ -4,6 +4,22 @@ import importlib.metadata
 
 from ._adjoint import LeastControlAdjoint as LeastControlAdjoint
 from ._anderson import AndersonAcceleration as AndersonAcceleration
+from ._controller import (
+    AbstractController as AbstractController,
+    DynamicInversion as DynamicInversion,
+    EnergyBased as EnergyBased,
+    LinearFeedback as LinearFeedback,
+)
+from ._feedback_learning import linear_feedback_update as linear_feedback_update
+from ._inner_solver import (
+    ContinuousTime as ContinuousTime,
+    DiscreteTime as DiscreteTime,
+)
+from ._least_control import (
+    least_control_grad as least_control_grad,
+    LeastControlInfo as LeastControlInfo,
+)
+from ._readout import with_readout as with_readout
 from ._solution import RESULTS as RESULTS
 
 

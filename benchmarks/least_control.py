@@ -1,0 +1,178 @@
+"""`lcp.least_control_grad` against the implicit (recurrent-backprop) gradient of the
+same loss on the same equilibrium RNN.
+
+    f(φ) = -φ + W tanh(φ) + U x + b,   256 units, batch 64, float32,
+    loss = ½‖φ_out - y‖² on the last 10 units (one-hot targets).
+
+Both sides find the free equilibrium with `lcp.AndersonAcceleration` (same tolerances).
+The implicit gradient then differentiates through it with `optx.ImplicitAdjoint`
+(a dense LU solve of the 256 x 256 adjoint system per sample, what optimistix does
+by default). The least-control gradient runs the controlled equilibrium with the
+Anderson-accelerated joint (state, control) iteration. Reported: median wall time
+over repeats (compiled, `block_until_ready`), mean steps per sample, and the cosine
+between the two gradients.
+
+    .venv/bin/python benchmarks/least_control.py [--repeats 7]
+"""
+
+import argparse
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import lineax as lx
+import optimistix as optx
+from _baselines import NeumannIteration
+
+import lcp_solvers as lcp
+
+
+N, N_IN, N_OUT, BATCH = 256, 100, 10, 64
+RTOL = ATOL = 1e-4
+
+
+def make_problem(key):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    w = jax.random.normal(k1, (N, N))
+    theta = {
+        "W": 0.8 * w / jnp.linalg.norm(w, ord=2),
+        "U": jax.random.normal(k2, (N, N_IN)) / jnp.sqrt(N_IN),
+        "b": jnp.zeros(N),
+    }
+    x = jax.random.normal(k3, (BATCH, N_IN))
+    labels = jax.random.randint(k4, (BATCH,), 0, N_OUT)
+    y = jax.nn.one_hot(labels, N_OUT)
+    return theta, x, y
+
+
+def f(phi, theta, args):
+    x, _ = args
+    return -phi + theta["W"] @ jnp.tanh(phi) + theta["U"] @ x + theta["b"]
+
+
+def loss(phi, args):
+    _, y = args
+    return 0.5 * jnp.sum((phi[-N_OUT:] - y) ** 2)
+
+
+anderson = lcp.AndersonAcceleration(rtol=RTOL, atol=ATOL)
+
+
+_DENSE = lx.AutoLinearSolver(well_posed=None)
+
+
+@eqx.filter_jit
+def implicit_grad(theta, x, y, linear_solver=_DENSE):
+    def one(theta, x, y):
+        sol = optx.fixed_point(
+            lambda phi, th: f(phi, th, (x, y)) + phi,
+            anderson,
+            jnp.zeros(N),
+            theta,
+            adjoint=optx.ImplicitAdjoint(linear_solver=linear_solver),
+            max_steps=256,
+        )
+        return loss(sol.value, (x, y)), sol.stats["num_steps"]
+
+    def batch_loss(theta):
+        losses, steps = jax.vmap(one, in_axes=(None, 0, 0))(theta, x, y)
+        return jnp.mean(losses), steps
+
+    (_, steps), grad = jax.value_and_grad(batch_loss, has_aux=True)(theta)
+    return grad, (jnp.mean(steps), jnp.max(steps))
+
+
+def make_lcp(alpha, proportional):
+    controller = lcp.DynamicInversion(alpha=alpha, proportional=proportional)
+    solver = lcp.DiscreteTime(step_size=0.5, solver=anderson)
+
+    @eqx.filter_jit
+    def lcp_grad(theta, x, y):
+        def one(x, y):
+            return lcp.least_control_grad(
+                f, loss, theta, jnp.zeros(N), (x, y),
+                controller=controller, solver=solver, rtol=RTOL, atol=ATOL,
+                max_steps=1024,
+            )  # fmt: skip
+
+        grads, info = jax.vmap(one)(x, y)
+        grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        steps = (jnp.mean(info.num_steps_free), jnp.max(info.num_steps_free))
+        steps_ctl = (jnp.mean(info.num_steps), jnp.max(info.num_steps))
+        return grad, steps, steps_ctl, info
+
+    return lcp_grad
+
+
+def timed(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def cosine(a, b):
+    va, vb = jfu.ravel_pytree(a)[0], jfu.ravel_pytree(b)[0]
+    return float(va @ vb / (jnp.linalg.norm(va) * jnp.linalg.norm(vb)))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=7)
+    opts = parser.parse_args()
+    theta, x, y = make_problem(jax.random.key(0))
+    print(f"device: {jax.devices()[0].device_kind}, float32, {N} units, batch {BATCH}")
+    t_imp, (g_imp, steps_imp) = timed(implicit_grad, theta, x, y, repeats=opts.repeats)
+    rows = [("implicit (RBP, dense adjoint solve)", t_imp, steps_imp, "LU", 1.0)]
+    gmres = lx.GMRES(rtol=RTOL, atol=ATOL, restart=50, max_steps=200)
+    t_kr, (g_kr, _) = timed(
+        lambda *a: implicit_grad(*a, linear_solver=gmres), theta, x, y,
+        repeats=opts.repeats,
+    )  # fmt: skip
+    rows.append(("implicit (RBP, GMRES adjoint solve)", t_kr, steps_imp, "GMRES",
+                 cosine(g_kr, g_imp)))  # fmt: skip
+    # Recurrent backprop proper: linearise once at the equilibrium and iterate the
+    # adjoint fixed point (what the paper's RBP baseline does).
+    neumann = NeumannIteration(rtol=RTOL, atol=ATOL)
+    t_rbp, (g_rbp, _) = timed(
+        lambda *a: implicit_grad(*a, linear_solver=neumann), theta, x, y,
+        repeats=opts.repeats,
+    )  # fmt: skip
+    rows.append(("implicit (RBP, adjoint fixed-point iteration)", t_rbp, steps_imp,
+                 "iteration", cosine(g_rbp, g_imp)))  # fmt: skip
+    for name, alpha, prop in [
+        ("LCP-DI alpha=0.1 (proportional)", 0.1, True),
+        ("LCP-DI alpha=0.1 (integral)", 0.1, False),
+        ("LCP-DI alpha=0", 0.0, False),
+    ]:
+        t, (g, s_free, s_ctl, info) = timed(
+            make_lcp(alpha, prop), theta, x, y, repeats=opts.repeats
+        )
+        ok = bool(jnp.all(info.result == lcp.RESULTS.successful))
+        rows.append((name + ("" if ok else " [FAILED]"), t, s_free, s_ctl,
+                     cosine(g, g_imp)))  # fmt: skip
+    print()
+    print(
+        "| method | time (ms, median) | x fastest implicit | steps free (mean / max) "
+        "| steps controlled (mean / max) | cos(grad, dense implicit) |"
+    )
+    print("|---|---|---|---|---|---|")
+
+    def steps(s):
+        # Mean over the batch / max (a vmapped loop runs until its slowest sample).
+        return s if isinstance(s, str) else f"{float(s[0]):.1f} / {int(s[1])}"
+
+    fastest = min(t_imp, t_kr, t_rbp)
+    for name, t, s_free, s_ctl, cos in rows:
+        print(f"| {name} | {1e3 * t:.1f} | {t / fastest:.2f} | {steps(s_free)} | "
+              f"{steps(s_ctl)} | {cos:.4f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

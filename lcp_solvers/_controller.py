@@ -1,0 +1,269 @@
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+
+class _System(eqx.Module):
+    """The free dynamics and the loss at fixed `theta`/`args`, plus the output mask.
+
+    `mask` is 1 on the output components (where the loss depends on the state) and 0
+    elsewhere; see `_output_mask`.
+    """
+
+    fn: Callable
+    loss_fn: Callable
+    theta: PyTree
+    args: PyTree
+    mask: PyTree[Array]
+
+    def f(self, phi):
+        return self.fn(phi, self.theta, self.args)
+
+    def f_and_vjp(self, phi):
+        return jax.vjp(self.f, phi)
+
+    def loss(self, phi):
+        return self.loss_fn(phi, self.args)
+
+    def grad_loss(self, phi):
+        return jax.grad(self.loss)(phi)
+
+
+def _output_mask(loss_fn, phi, args):
+    """1 where the loss depends on the state, 0 elsewhere, detected at `phi`.
+
+    A component is an output if its loss gradient or a generic Hessian probe is
+    nonzero there; components the loss never reads have both identically zero.
+    """
+    grad = jax.grad(lambda p: loss_fn(p, args))
+    leaves, treedef = jtu.tree_flatten(phi)
+    keys = jax.random.split(jax.random.key(0), max(len(leaves), 1))
+    probe = jtu.tree_unflatten(
+        treedef,
+        [
+            jax.random.uniform(k, x.shape, x.dtype, 0.5, 1.5)
+            for k, x in zip(keys, leaves, strict=False)
+        ],
+    )
+    g, hp = jax.jvp(grad, (phi,), (probe,))
+    return jtu.tree_map(lambda a, b: ((a != 0) | (b != 0)).astype(a.dtype), g, hp)
+
+
+def _u_velocity(sys, phi, u, alpha):
+    # The output controller is a leaky integral of -∇L on the output components. On
+    # the others ∇L vanishes identically and, at alpha = 0, nothing would pin u down
+    # in a root formulation; there it relaxes to 0 instead, which is where the
+    # dynamics started from zero keep it anyway.
+    g = sys.grad_loss(phi)
+    return jtu.tree_map(
+        lambda gi, ui, m: m * (-gi - alpha * ui) - (1 - m) * ui, g, u, sys.mask
+    )
+
+
+def _add(a, b):
+    return jtu.tree_map(jnp.add, a, b)
+
+
+class AbstractController(eqx.Module):
+    """Base class for the controllers of [`lcp_solvers.least_control_grad`][].
+
+    A controller is a dynamical system on an extended state (always starting with
+    `phi`) whose steady state is the controlled equilibrium. It defines the
+    continuous-time velocity (used by `lcp.ContinuousTime` and, as an Euler map, by
+    `lcp.DiscreteTime`), the steady-state residual (used by root finders such as
+    `optx.Newton`), and how to read `(phi, psi, u)` off a steady state.
+    """
+
+    @abc.abstractmethod
+    def init(self, sys: _System, phi: PyTree[Array]) -> PyTree[Array]:
+        """The extended state with the control switched off, at state `phi`."""
+
+    @abc.abstractmethod
+    def velocity(self, sys: _System, state: PyTree[Array]) -> PyTree[Array]:
+        """The time derivative of the extended state."""
+
+    def residual(self, sys: _System, state: PyTree[Array]) -> PyTree[Array]:
+        """A function whose root is the controlled equilibrium (default: velocity)."""
+        return self.velocity(sys, state)
+
+    @abc.abstractmethod
+    def unpack(
+        self, sys: _System, state: PyTree[Array]
+    ) -> tuple[PyTree[Array], PyTree[Array], PyTree[Array]]:
+        """`(phi, psi, u)` at a (steady) state: the state, the control `psi` added to
+        the free velocity, and the output controller `u` (zero off the outputs)."""
+
+
+class DynamicInversion(AbstractController):
+    r"""Dynamic inversion (DI): the exact general-purpose least-control controller.
+
+    $$\dot φ = f(φ, θ) + ψ,\qquad \dot ψ = (∂_φ f)^\top ψ + u,\qquad
+    \dot u = -∇_φ L(φ) - α u.$$
+
+    The `ψ` line is the adjoint (recurrent-backprop) dynamics run jointly with the
+    state. At steady state `(∂_φ f)^\top ψ = ∇L / α`: the equilibrium is a stationary
+    point of `½‖f‖² + L/α`, and `alpha = 0` is perfect control (the outputs reach a
+    minimum of the loss, Theorem 1). `u` is nonzero only on the output components
+    (where the loss depends on the state).
+
+    **Arguments:**
+
+    - `alpha`: the leak of the output controller, `>= 0`. `alpha = 1/β` of
+        [`lcp_solvers.EnergyBased`][]; small `alpha` is strong control.
+    - `proportional`: if `True`, `u = -∇L/α` is applied instantly (a proportional
+        controller, needs `alpha > 0`) instead of being integrated. Same steady state.
+    - `feedback`: `None` (use autodiff's `(∂_φ f)^\top ψ`) or a callable
+        `feedback(phi, theta, args, psi) -> pytree like phi` that replaces it, e.g. a
+        product with learned feedback weights `S` in place of `Wᵀ` (Kolen–Pollack).
+    """
+
+    alpha: float | Array
+    proportional: bool = eqx.field(static=True, default=False)
+    feedback: Callable | None = None
+
+    def __check_init__(self):
+        if isinstance(self.alpha, (int, float)):
+            if self.alpha < 0:
+                raise ValueError(
+                    f"`DynamicInversion(alpha=...)` must be >= 0, got {self.alpha}."
+                )
+            if self.proportional and self.alpha == 0:
+                raise ValueError(
+                    "`DynamicInversion(alpha=0, proportional=True)` has infinite gain; "
+                    "use `proportional=False` (integral control) for alpha = 0."
+                )
+
+    def _jt_psi(self, sys, phi, psi):
+        if self.feedback is None:
+            f_phi, vjp = sys.f_and_vjp(phi)
+            (jt,) = vjp(psi)
+        else:
+            f_phi = sys.f(phi)
+            jt = self.feedback(phi, sys.theta, sys.args, psi)
+        return f_phi, jt
+
+    def init(self, sys, phi):
+        zeros = jtu.tree_map(jnp.zeros_like, phi)
+        return phi, zeros, zeros
+
+    def velocity(self, sys, state):
+        phi, psi, u = state
+        f_phi, jt = self._jt_psi(sys, phi, psi)
+        if self.proportional:
+            g = sys.grad_loss(phi)
+            u_p = jtu.tree_map(lambda gi, m: -m * gi / self.alpha, g, sys.mask)
+            u_dot = jtu.tree_map(jnp.subtract, u_p, u)
+            return _add(f_phi, psi), _add(jt, u_p), u_dot
+        u_dot = _u_velocity(sys, phi, u, self.alpha)
+        return _add(f_phi, psi), _add(jt, u), u_dot
+
+    def unpack(self, sys, state):
+        return state
+
+
+class EnergyBased(AbstractController):
+    r"""Energy-based dynamics (EBD): gradient flow on
+    $F_β(φ) = ½‖f(φ, θ)‖² + β L(φ)$,
+
+    $$\dot φ = -(∂_φ f)^\top f - β ∇_φ L.$$
+
+    The control is implicit, `ψ = -f(φ)`, and `u = -β∇L`. The steady state is that of
+    [`lcp_solvers.DynamicInversion`][] with `alpha = 1/beta`. For a feedforward `f`
+    this is the predictive-coding free energy.
+
+    **Arguments:**
+
+    - `beta`: the strength, `> 0` (`beta = 1/alpha` of DI).
+    """
+
+    beta: float | Array
+
+    def __check_init__(self):
+        if isinstance(self.beta, (int, float)) and not self.beta > 0:
+            raise ValueError(
+                f"`EnergyBased(beta=...)` must be positive, got {self.beta} (it is "
+                "1/alpha of `DynamicInversion`; perfect control needs DI with alpha=0)."
+            )
+
+    def init(self, sys, phi):
+        return phi
+
+    def velocity(self, sys, state):
+        f_phi, vjp = sys.f_and_vjp(state)
+        (jt_f,) = vjp(f_phi)
+        g = sys.grad_loss(state)
+        return jtu.tree_map(lambda a, b: -a - self.beta * b, jt_f, g)
+
+    def unpack(self, sys, state):
+        psi = jtu.tree_map(jnp.negative, sys.f(state))
+        g = sys.grad_loss(state)
+        u = jtu.tree_map(lambda gi, m: -self.beta * m * gi, g, sys.mask)
+        return state, psi, u
+
+
+def _apply_q(q, output, u, phi_like):
+    """`ψ = Q · vec(output(u))`, unflattened into the structure of the state."""
+    y = u if output is None else output(u)
+    y_flat, _ = jfu.ravel_pytree(y)
+    _, unravel = jfu.ravel_pytree(phi_like)
+    return unravel(q @ y_flat)
+
+
+class LinearFeedback(AbstractController):
+    r"""Linear feedback (LF): the control reaches the state through a fixed matrix,
+
+    $$\dot φ = f(φ, θ) + Q\,u,\qquad \dot u = -∇_φ L(φ) - α u,$$
+
+    so no Jacobian-transpose products are needed at all, only evaluations of `f`. It
+    is optimal (same update as [`lcp_solvers.DynamicInversion`][]) when
+    `col(Q) = col((∂_φ f)^{-\top} Pᵀ)` at the controlled equilibrium, `P` selecting the
+    outputs (Theorem 2); [`lcp_solvers.linear_feedback_update`][] learns such a `Q`
+    with a local noise-driven rule.
+
+    **Shapes.** `u` has the structure of the state and is zero off the outputs.
+    `output` is a linear function picking the output components out of a state-shaped
+    pytree (e.g. `lambda phi: phi[-10:]` or `lambda phi: phi["y"]`); `Q` is a 2D
+    array of shape `(size(phi), size(output(phi)))` acting on the flattened outputs
+    (`jax.flatten_util.ravel_pytree` order), its result unflattened into `phi`'s
+    structure. With `output=None` the outputs are the whole state and `Q` is
+    `(size(phi), size(phi))`.
+
+    **Arguments:**
+
+    - `Q`: the feedback matrix, as above.
+    - `alpha`: the leak of the output controller, `>= 0`.
+    - `output`: the output selector, or `None`.
+    """
+
+    Q: Array
+    alpha: float | Array
+    output: Callable | None = None
+
+    def __check_init__(self):
+        if jnp.ndim(self.Q) != 2:
+            raise ValueError(
+                "`LinearFeedback(Q=...)` must be a 2D array of shape "
+                f"(size(phi), size(output(phi))), got shape {jnp.shape(self.Q)}."
+            )
+        if isinstance(self.alpha, (int, float)) and self.alpha < 0:
+            raise ValueError(
+                f"`LinearFeedback(alpha=...)` must be >= 0, got {self.alpha}."
+            )
+
+    def init(self, sys, phi):
+        return phi, jtu.tree_map(jnp.zeros_like, phi)
+
+    def velocity(self, sys, state):
+        phi, u = state
+        psi = _apply_q(self.Q, self.output, u, phi)
+        return _add(sys.f(phi), psi), _u_velocity(sys, phi, u, self.alpha)
+
+    def unpack(self, sys, state):
+        phi, u = state
+        return phi, _apply_q(self.Q, self.output, u, phi), u
