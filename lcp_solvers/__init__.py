@@ -10,10 +10,15 @@ from ._controller import (
     EnergyBased as EnergyBased,
     LinearFeedback as LinearFeedback,
 )
+from ._deq import DEQ as DEQ, DEQStats as DEQStats
 from ._feedback_learning import linear_feedback_update as linear_feedback_update
 from ._inner_solver import (
     ContinuousTime as ContinuousTime,
     DiscreteTime as DiscreteTime,
+)
+from ._jaxopt import (
+    custom_fixed_point as custom_fixed_point,
+    custom_root as custom_root,
 )
 from ._least_control import (
     least_control_grad as least_control_grad,
