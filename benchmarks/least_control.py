@@ -5,10 +5,11 @@ same loss on the same equilibrium RNN.
     loss = ½‖φ_out - y‖² on the last 10 units (one-hot targets).
 
 Both sides find the free equilibrium with `lcp.AndersonAcceleration` (same tolerances).
-The implicit gradient then differentiates through it with `optx.ImplicitAdjoint`
-(a dense LU solve of the 256 x 256 adjoint system per sample, what optimistix does
-by default). The least-control gradient runs the controlled equilibrium with the
-Anderson-accelerated joint (state, control) iteration. Reported: median wall time
+The implicit gradient then differentiates through it with `optx.ImplicitAdjoint`, with
+a dense LU solve of the 256 x 256 adjoint system per sample (optimistix's default),
+GMRES, or recurrent backprop's adjoint fixed-point iteration. The least-control
+gradient runs the controlled equilibrium with the Anderson-accelerated joint (state,
+control) iteration. Reported: median wall time
 over repeats (compiled, `block_until_ready`), mean steps per sample, and the cosine
 between the two gradients.
 
