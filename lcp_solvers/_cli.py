@@ -1,0 +1,529 @@
+"""The `lcp-solvers` command: offline reproductions of the paper's experiments."""
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+
+
+_METHODS = ("rbp", "di", "kp", "lf", "ebd")
+_METHOD_NAMES = {
+    "rbp": "BP/RBP",
+    "di": "LCP-DI",
+    "kp": "LCP-DI (KP)",
+    "lf": "LCP-LF",
+    "ebd": "LCP-EBD",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits with status 2 and a usage line; also say where help lives.
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\nRun `{self.prog} --help`.\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number, got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, epochs: int, hidden: int):
+    p.add_argument(
+        "--epochs", type=_positive_int, default=epochs, help="training epochs"
+    )
+    p.add_argument(
+        "--hidden",
+        type=_positive_int,
+        default=hidden,
+        help="units per hidden layer (FF: 2 layers of this size; RNN: one population)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam step size")
+    p.add_argument(
+        "--alpha",
+        type=_positive_float,
+        default=1.0,
+        help=(
+            "leak of the output controller; EBD uses beta=1/alpha. The paper's 0.1 "
+            "(stronger control) learns worse on these small networks: see "
+            "docs/results.md"
+        ),
+    )
+    p.add_argument(
+        "--max-train", type=_positive_int, default=None, help="cap on training examples"
+    )
+    p.add_argument(
+        "--max-test", type=_positive_int, default=None, help="cap on test examples"
+    )
+    p.add_argument("--json", metavar="FILE", default=None, help="write results as JSON")
+    p.add_argument("--plot", metavar="FILE", default=None, help="write a PNG of curves")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lcp-solvers",
+        description=(
+            "Offline reproductions of 'The least-control principle for local learning "
+            "at equilibrium' (Meulemans et al., NeurIPS 2022). Nothing is downloaded."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        help="eqRNN on scikit-learn digits: recurrent backprop vs LCP-DI",
+        description=(
+            "Train the equilibrium RNN on scikit-learn's 8x8 digits with recurrent "
+            "backprop (implicit gradient) and with the least-control principle "
+            "(dynamic inversion) side by side; print a table, save a PNG of the "
+            "training curves."
+        ),
+    )
+    _add_training_args(demo, epochs=15, hidden=64)
+    demo.set_defaults(plot="lcp-demo.png")
+    demo.add_argument("--seed", type=int, default=0)
+
+    reproduce = sub.add_parser(
+        "reproduce",
+        help="the paper's comparisons (table1, meta)",
+        description="Reproduce one of the paper's comparisons on offline data.",
+    )
+    rsub = reproduce.add_subparsers(
+        dest="experiment", metavar="EXPERIMENT", parser_class=_Parser
+    )
+    rsub.required = True
+
+    table1 = rsub.add_parser(
+        "table1",
+        help="BP/RBP vs LCP-DI, LCP-DI (KP), LCP-LF, LCP-EBD for FF and RNN",
+        description=(
+            "Table 1 of the paper: test accuracy (mean ± std over seeds), seconds per "
+            "epoch and mean controlled-solve steps of BP/RBP and the LCP variants, "
+            "for the feedforward (2 x hidden) and recurrent (hidden) equilibrium "
+            "networks."
+        ),
+    )
+    table1.add_argument(
+        "--dataset",
+        choices=("digits", "mnist1d", "mnist"),
+        required=True,
+        help="digits (scikit-learn), mnist1d (generated), or mnist (from --data-dir)",
+    )
+    table1.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with mnist.npz or the four MNIST IDX files (for mnist)",
+    )
+    table1.add_argument("--seeds", type=_positive_int, default=3)
+    table1.add_argument(
+        "--methods",
+        nargs="+",
+        choices=_METHODS,
+        default=list(_METHODS),
+        help="which methods to run (default: all)",
+    )
+    table1.add_argument(
+        "--architectures",
+        nargs="+",
+        choices=("ff", "rnn"),
+        default=["ff", "rnn"],
+    )
+    _add_training_args(table1, epochs=30, hidden=256)
+
+    meta = rsub.add_parser(
+        "meta",
+        help="few-shot sinusoid regression: LCP vs iMAML, FOMAML, Reptile",
+        description=(
+            "Meta-learning with complex synapses on 10-shot sinusoid regression: "
+            "the inner learner solves argmin L_learn(phi) + lam/2 |phi - omega|^2; "
+            "the slow weights omega are meta-trained with LCP (delta omega = lam u*), "
+            "iMAML, FOMAML or Reptile. Reports post-adaptation test MSE."
+        ),
+    )
+    meta.add_argument("--seeds", type=_positive_int, default=3)
+    meta.add_argument("--meta-steps", type=_positive_int, default=500)
+    meta.add_argument("--meta-batch", type=_positive_int, default=5)
+    meta.add_argument("--width", type=_positive_int, default=10, help="MLP width")
+    meta.add_argument("--lam", type=_positive_float, default=1.0, help="synapse λ")
+    meta.add_argument(
+        "--alpha", type=_positive_float, default=1.0, help="LCP controller leak"
+    )
+    meta.add_argument("--lr", type=_positive_float, default=1e-3)
+    meta.add_argument("--test-tasks", type=_positive_int, default=100)
+    meta.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("lcp", "imaml", "fomaml", "reptile"),
+        default=["lcp", "imaml", "fomaml", "reptile"],
+    )
+    meta.add_argument("--json", metavar="FILE", default=None)
+    meta.add_argument("--plot", metavar="FILE", default=None)
+    meta.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _progress(args, desc: str):
+    if args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, leave=False, file=sys.stderr)
+
+
+def _mean_std(values):
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std())
+
+
+def _run_one(method, arch, dataset, args, seed):
+    import jax
+    import jax.numpy as jnp
+
+    from .models import (
+        EquilibriumNetwork,
+        LeastControl,
+        RecurrentBackprop,
+        train_classifier,
+    )
+
+    hidden = (args.hidden, args.hidden) if arch == "ff" else (args.hidden,)
+    key_model, key_train = jax.random.split(jax.random.key(seed))
+    model = EquilibriumNetwork(
+        dataset.x_train.shape[1],
+        dataset.num_classes,
+        hidden,
+        arch,
+        key=key_model,
+        feedback=method == "kp",
+        dtype=jnp.float32,
+    )
+    if method == "rbp":
+        rule = RecurrentBackprop()
+    else:
+        rule = LeastControl(variant=method, alpha=args.alpha)
+    _, history = train_classifier(
+        model,
+        rule,
+        dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        key=key_train,
+        progress=_progress(args, f"{_METHOD_NAMES[method]} {arch} seed {seed}"),
+    )
+    return history
+
+
+def _summarise(histories):
+    """Mean/std over seeds of final test accuracy, plus per-epoch averages."""
+    import numpy as np
+
+    acc = [100 * h["test_accuracy"][-1] for h in histories]
+    # The first epoch includes JIT compilation; leave it out of the timing.
+    sec = [np.mean(h["seconds"][1:] or h["seconds"]) for h in histories]
+    out = {
+        "test_accuracy": _mean_std(acc)[0],
+        "test_accuracy_std": _mean_std(acc)[1],
+        "test_accuracy_per_seed": acc,
+        "final_H": float(np.mean([h["H"][-1] for h in histories])),
+        "seconds_per_epoch": float(np.mean(sec)),
+        "mean_solve_steps": float(np.mean([np.mean(h["steps"]) for h in histories])),
+        "solve_success": float(
+            np.mean([np.mean(h["solve_success"]) for h in histories])
+        ),
+        "curves": [h["test_accuracy"] for h in histories],
+    }
+    return out
+
+
+def _fmt(x, spec):
+    import math
+
+    return (
+        "n/a"
+        if x is None or (isinstance(x, float) and math.isnan(x))
+        else format(x, spec)
+    )
+
+
+def _print_table(rows, title):
+    header = (
+        "| method | arch | test acc. (%) | final H | s / epoch | solve steps |"
+        "\n|---|---|---|---|---|---|"
+    )
+    lines = [title, "", header]
+    for (name, arch), r in rows.items():
+        acc = f"{r['test_accuracy']:.2f} ± {r['test_accuracy_std']:.2f}"
+        lines.append(
+            f"| {name} | {arch} | {acc} | {_fmt(r['final_H'], '.3g')} | "
+            f"{r['seconds_per_epoch']:.2f} | {r['mean_solve_steps']:.1f} |"
+        )
+    print("\n".join(lines), flush=True)
+
+
+def _plot_curves(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (name, arch), r in rows.items():
+        curves = 100 * np.asarray(r["curves"])
+        epochs = np.arange(1, curves.shape[1] + 1)
+        mean = curves.mean(axis=0)
+        (line,) = ax.plot(epochs, mean, label=f"{name} ({arch})")
+        if curves.shape[0] > 1:
+            std = curves.std(axis=0)
+            ax.fill_between(
+                epochs, mean - std, mean + std, alpha=0.2, color=line.get_color()
+            )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"saved {path}", flush=True)
+
+
+def _write_json(results, path):
+    pathlib.Path(path).write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(f"wrote {path}", flush=True)
+
+
+def _classification(args, dataset, methods, architectures, seeds, title):
+    rows = {}
+    for arch in architectures:
+        for method in methods:
+            histories = [_run_one(method, arch, dataset, args, s) for s in range(seeds)]
+            rows[(_METHOD_NAMES[method], arch)] = _summarise(histories)
+    _print_table(rows, title)
+    if args.plot:
+        _plot_curves(rows, args.plot, title)
+    return rows
+
+
+def _demo(args):
+    from .models import load_digits
+
+    dataset = load_digits(
+        seed=args.seed, max_train=args.max_train, max_test=args.max_test
+    )
+    title = (
+        f"digits ({len(dataset.x_train)} train / {len(dataset.x_test)} test), "
+        f"eqRNN {args.hidden} units, {args.epochs} epochs"
+    )
+    rows = {}
+    for method in ("rbp", "di"):
+        history = _run_one(method, "rnn", dataset, args, args.seed)
+        rows[(_METHOD_NAMES[method], "rnn")] = _summarise([history])
+    _print_table(rows, title)
+    if args.plot:
+        _plot_curves(rows, args.plot, title)
+    if args.json:
+        _write_json({name: _jsonable(r) for (name, _), r in rows.items()}, args.json)
+    return 0
+
+
+def _jsonable(r):
+    import math
+
+    # JSON has no NaN: methods without a controlled solve report `null`.
+    return {
+        k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()
+    }
+
+
+def _table1(args):
+    from ._data import load_dataset
+
+    if args.dataset != "mnist" and args.data_dir is not None:
+        print(
+            f"note: --data-dir is only used with --dataset mnist; ignoring it for "
+            f"{args.dataset}.",
+            file=sys.stderr,
+        )
+    try:
+        dataset = load_dataset(
+            args.dataset,
+            data_dir=args.data_dir,
+            max_train=args.max_train,
+            max_test=args.max_test,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lcp-solvers reproduce table1: error: {e}", file=sys.stderr)
+        return 2
+    title = (
+        f"{args.dataset} ({len(dataset.x_train)} train / {len(dataset.x_test)} test), "
+        f"hidden {args.hidden}, {args.epochs} epochs, {args.seeds} seed(s)"
+    )
+    rows = _classification(
+        args, dataset, args.methods, args.architectures, args.seeds, title
+    )
+    if args.json:
+        _write_json(
+            {f"{name} [{arch}]": _jsonable(r) for (name, arch), r in rows.items()},
+            args.json,
+        )
+    return 0
+
+
+def _meta(args):
+    import jax
+    import numpy as np
+
+    from .models import meta_train
+    from .models._meta import META_METHOD_NAMES
+
+    # The inner problems are solved to tight tolerances (their gradients are what is
+    # compared), which float32 cannot resolve.
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    results = {}
+    for method in args.methods:
+        runs = [
+            meta_train(
+                method,
+                key=jax.random.key(seed),
+                meta_steps=args.meta_steps,
+                meta_batch=args.meta_batch,
+                lam=args.lam,
+                alpha=args.alpha,
+                width=args.width,
+                learning_rate=args.lr,
+                test_tasks=args.test_tasks,
+                progress=_progress(args, f"{META_METHOD_NAMES[method]} seed {seed}"),
+                dtype=jnp.float64,
+            )
+            for seed in range(args.seeds)
+        ]
+        mse = [r["test_mse"] for r in runs]
+        results[META_METHOD_NAMES[method]] = {
+            "test_mse": float(np.mean(mse)),
+            "test_mse_std": float(np.std(mse)),
+            "test_mse_per_seed": mse,
+            "seconds_per_step": float(
+                np.mean([r["seconds"] / args.meta_steps for r in runs])
+            ),
+            "curves": [r["curve"] for r in runs],
+            "solve_success": float(np.mean([r["solve_success"] for r in runs])),
+            "solve_steps": float(np.mean([r["solve_steps"] for r in runs])),
+        }
+    lines = [
+        f"10-shot sinusoid regression, MLP width {args.width}, lambda {args.lam}, "
+        f"{args.meta_steps} meta-steps x {args.meta_batch} tasks, {args.seeds} seed(s)",
+        "",
+        "| method | post-adaptation test MSE | s / meta-step | solve steps |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['test_mse']:.3f} ± {r['test_mse_std']:.3f} | "
+            f"{r['seconds_per_step']:.3f} | {r['solve_steps']:.1f} |"
+        )
+    print("\n".join(lines), flush=True)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in results.items():
+            curve = np.mean(np.asarray(r["curves"]), axis=0)
+            # A running mean: single meta-batches are noisy.
+            k = max(len(curve) // 20, 1)
+            smooth = np.convolve(curve, np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(len(smooth)) + k, smooth, label=name)
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel("post-adaptation query MSE (meta-batch)")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        plt.close(fig)
+        print(f"saved {args.plot}", flush=True)
+    if args.json:
+        _write_json(results, args.json)
+    return 0
+
+
+def _missing_extras() -> list[str]:
+    import importlib.util
+
+    modules = {
+        "optax": "optax",
+        "sklearn": "scikit-learn",
+        "matplotlib": "matplotlib",
+        "tqdm": "tqdm",
+        "mnist1d": "mnist1d",
+    }
+    return [
+        package
+        for module, package in modules.items()
+        if importlib.util.find_spec(module) is None
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `lcp-solvers` console script.
+
+    **Arguments:**
+
+    - `argv`: the arguments (default: `sys.argv[1:]`).
+
+    **Returns:**
+
+    The exit status (0 on success).
+    """
+    args = _build_parser().parse_args(argv)
+    missing = _missing_extras()
+    if missing:
+        print(
+            "lcp-solvers: the experiments need the `examples` extra (missing: "
+            f"{', '.join(missing)}). Install it with: "
+            "pip install 'lcp-solvers[examples]' (from a clone: pip install "
+            "'.[examples]').",
+            file=sys.stderr,
+        )
+        return 2
+    if args.command == "demo":
+        return _demo(args)
+    if args.experiment == "table1":
+        return _table1(args)
+    return _meta(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

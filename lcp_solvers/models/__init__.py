@@ -1,0 +1,37 @@
+"""The paper's experiments as reusable pieces: offline data, the equilibrium network,
+its update rules (recurrent backprop and the least-control variants), and the
+few-shot meta-learning task with complex synapses.
+
+Needs the `examples` extra (`optax`, `scikit-learn`, `mnist1d`) for training and data;
+importing `lcp_solvers` itself never imports them.
+"""
+
+from .._data import (
+    Dataset as Dataset,
+    load_dataset as load_dataset,
+    load_digits as load_digits,
+    load_mnist as load_mnist,
+    load_mnist1d as load_mnist1d,
+    read_idx as read_idx,
+)
+from ._eqnet import (
+    cross_entropy as cross_entropy,
+    EquilibriumNetwork as EquilibriumNetwork,
+)
+from ._meta import (
+    ComplexSynapseLearner as ComplexSynapseLearner,
+    init_mlp as init_mlp,
+    meta_gradient as meta_gradient,
+    meta_train as meta_train,
+    sample_sinusoid_tasks as sample_sinusoid_tasks,
+    SinusoidTasks as SinusoidTasks,
+)
+from ._train import (
+    AbstractUpdateRule as AbstractUpdateRule,
+    evaluate as evaluate,
+    free_equilibrium as free_equilibrium,
+    LeastControl as LeastControl,
+    predict as predict,
+    RecurrentBackprop as RecurrentBackprop,
+    train_classifier as train_classifier,
+)

@@ -1,0 +1,437 @@
+"""Update rules for the equilibrium network and a minimal optax training loop."""
+
+import abc
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+
+from .._anderson import AndersonAcceleration
+from .._inner_solver import DiscreteTime
+from .._solution import RESULTS
+from ._eqnet import cross_entropy, EquilibriumNetwork
+
+
+_IMPLICIT = optx.ImplicitAdjoint()
+
+
+def free_equilibrium(
+    model: EquilibriumNetwork,
+    x: Float[Array, "batch d"],
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    max_steps: int = 256,
+    adjoint: optx.AbstractAdjoint = _IMPLICIT,
+) -> tuple[tuple[Float[Array, "batch n"], Float[Array, "batch c"]], Array]:
+    """The free equilibrium `φ* = (h*, y*)` of a batch, and the solver's step count.
+
+    The hidden fixed point `h = Wσ(h) + Ux + b` is solved for the whole batch at once
+    with [`lcp_solvers.AndersonAcceleration`][]; `y* = Rσ(h*) + c`. Differentiating
+    through it uses `adjoint` (by default the implicit function theorem, i.e.
+    recurrent backprop at convergence).
+    """
+    h0 = jnp.zeros((x.shape[0], model.num_hidden), x.dtype)
+    sol = optx.fixed_point(
+        lambda h, args: jax.vmap(args[0].fixed_point_map)(h, args[1]),
+        AndersonAcceleration(rtol=rtol, atol=atol),
+        h0,
+        args=(model, x),
+        max_steps=max_steps,
+        adjoint=adjoint,
+        throw=False,
+    )
+    h = sol.value
+    return (h, jax.vmap(model.readout)(h)), sol.stats["num_steps"]
+
+
+def predict(model: EquilibriumNetwork, x: Float[Array, "batch d"]) -> Int[Array, " b"]:
+    """Class predictions (argmax of the output units at the free equilibrium)."""
+    (_, y), _ = free_equilibrium(model, x)
+    return jnp.argmax(y, axis=-1)
+
+
+class AbstractUpdateRule(eqx.Module):
+    """How a batch turns into parameter updates for an [`EquilibriumNetwork`][].
+
+    `__call__` returns `(grads, state, stats)`: `grads` has the structure of
+    `eqx.filter(model, eqx.is_inexact_array)` and is to be *descended* (pass it to an
+    optax optimiser as the gradient); `state` is the rule's own learned state (e.g. the
+    linear-feedback matrix `Q`), `stats` a dict of scalars for logging.
+    """
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The method's name in tables."""
+
+    def init(self, model: EquilibriumNetwork, key: PRNGKeyArray) -> PyTree:
+        return None
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        model: EquilibriumNetwork,
+        state: PyTree,
+        x: Float[Array, "batch d"],
+        labels: Int[Array, " batch"],
+        key: PRNGKeyArray,
+    ) -> tuple[PyTree, PyTree, dict[str, Array]]: ...
+
+
+class RecurrentBackprop(AbstractUpdateRule):
+    """The baseline: the gradient of the mean cross-entropy at the free equilibrium,
+    by implicit differentiation (`optx.ImplicitAdjoint`, the converged limit of
+    recurrent backprop). For the `"ff"` architecture this is exact backprop.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: tolerances of the forward solve and of the GMRES solve of the
+        adjoint linear system.
+    """
+
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    @property
+    def name(self) -> str:
+        return "BP/RBP"
+
+    def __call__(self, model, state, x, labels, key):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        adjoint = optx.ImplicitAdjoint(
+            linear_solver=lx.GMRES(rtol=self.rtol, atol=self.atol, restart=40)
+        )
+
+        def loss_fn(p):
+            m = eqx.combine(p, static)
+            (_, y), steps = free_equilibrium(
+                m, x, rtol=self.rtol, atol=self.atol, adjoint=adjoint
+            )
+            return jnp.mean(jax.vmap(cross_entropy)(y, labels)), steps
+
+        (loss, steps), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        stats = dict(loss=loss, H=jnp.nan, steps=steps.astype(loss.dtype), ok=1.0)
+        return grads, state, stats
+
+
+Variant = Literal["di", "kp", "lf", "ebd"]
+
+
+class LeastControl(AbstractUpdateRule):
+    r"""Least-control updates through [`lcp_solvers.least_control_grad`][], one
+    controlled equilibrium per example (vmapped), warm-started at the free equilibrium.
+
+    The update of every parameter is `-(∂_θ f)ᵀψ*`: `ΔW = ψ_h σ(h)ᵀ`, `ΔU = ψ_h xᵀ`,
+    `ΔR = ψ_y σ(h)ᵀ`, averaged over the batch (returned negated, as a gradient).
+
+    **Arguments:**
+
+    - `variant`:
+        - `"di"`: dynamic inversion with the exact `(∂_φ f)ᵀψ`;
+        - `"kp"`: dynamic inversion with `Wᵀ, Rᵀ` replaced by learned feedback weights
+            `S_W, S_R` (Kolen–Pollack: `ΔS = σψᵀ - γS`, `ΔW = ψσᵀ - γW`); the model
+            must be built with `feedback=True`;
+        - `"lf"`: linear feedback `ψ = Q u` with `Q` learned by the noise-driven rule
+            of [`lcp_solvers.linear_feedback_update`][];
+        - `"ebd"`: energy-based dynamics at `β = 1/α`.
+    - `alpha`: leak of the output controller (the paper's 0.1).
+    - `solver`: solver of the controlled equilibrium (see `least_control_grad`);
+        `None` is Anderson-accelerated Euler iteration of the controller's dynamics
+        (`lcp.DiscreteTime(step_size, lcp.AndersonAcceleration(...))`), which on
+        these networks is two orders of magnitude cheaper than the dense Newton
+        default of `least_control_grad`.
+    - `step_size`, `history_length`: of that default solver.
+    - `rtol`, `atol`, `max_steps`: its tolerances and step budget.
+    - `weight_decay`: `γ` of Kolen–Pollack (applied to `W`, `R`, `S_W`, `S_R`).
+    - `q_lr`, `q_decay`, `q_steps`, `q_samples`: learning rate, decay, number of
+        Euler–Maruyama steps per batch and number of examples per batch of the
+        noise-driven rule that learns `Q` (`lcp.linear_feedback_update`), run online
+        before each batch's update. `Q` starts at zero.
+    - `drop_failed`: leave examples whose controlled solve failed (see
+        `stats["ok"]`, the fraction that succeeded) out of the batch average.
+    """
+
+    variant: Variant = eqx.field(static=True, default="di")
+    alpha: float = 0.1
+    solver: Any = None
+    step_size: float = 0.5
+    history_length: int = eqx.field(static=True, default=8)
+    rtol: float = 1e-4
+    atol: float = 1e-4
+    max_steps: int = eqx.field(static=True, default=256)
+    weight_decay: float = 1e-4
+    q_lr: float = 1e-2
+    q_decay: float = 0.0
+    q_steps: int = eqx.field(static=True, default=400)
+    drop_failed: bool = eqx.field(static=True, default=True)
+    q_samples: int = eqx.field(static=True, default=4)
+
+    @property
+    def name(self) -> str:
+        return {
+            "di": "LCP-DI",
+            "kp": "LCP-DI (KP)",
+            "lf": "LCP-LF",
+            "ebd": "LCP-EBD",
+        }[self.variant]
+
+    def __check_init__(self):
+        if self.variant not in ("di", "kp", "lf", "ebd"):
+            raise ValueError(
+                "`LeastControl(variant=...)` must be one of 'di', 'kp', 'lf', 'ebd', "
+                f"got {self.variant!r}."
+            )
+
+    def init(self, model, key):
+        if self.variant == "kp" and model.S_W is None:
+            raise ValueError(
+                "`LeastControl(variant='kp')` needs Kolen-Pollack feedback weights: "
+                "build the model with `EquilibriumNetwork(..., feedback=True)`."
+            )
+        if self.variant != "lf":
+            return None
+        n, c = model.num_hidden, model.num_outputs
+        # `linear_feedback_update` advises a zero start: a random Q can destabilise
+        # the feedback loop.
+        return jnp.zeros((n + c, c), model.W.dtype)
+
+    def _controller(self, static, q):
+        from .._controller import DynamicInversion, EnergyBased, LinearFeedback
+
+        if self.variant == "di":
+            return DynamicInversion(alpha=self.alpha)
+        if self.variant == "ebd":
+            return EnergyBased(beta=1 / self.alpha)
+        if self.variant == "lf":
+            return LinearFeedback(Q=q, alpha=self.alpha, output=lambda phi: phi[1])
+
+        def feedback(phi, theta, args, psi):
+            return eqx.combine(theta, static).kp_feedback(phi, psi)
+
+        return DynamicInversion(alpha=self.alpha, feedback=feedback)
+
+    def __call__(self, model, state, x, labels, key):
+        from .._least_control import least_control_grad
+
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        (h0, y0), _ = free_equilibrium(model, x)
+        if self.variant == "lf":
+            state = self._lf_update(model, state, x, key)
+        controller = self._controller(static, state)
+
+        def f(phi, theta, args):
+            return eqx.combine(theta, static).vector_field(phi, args[0])
+
+        def loss(phi, args):
+            return cross_entropy(phi[1], args[1])
+
+        solver = self.solver
+        if solver is None:
+            solver = DiscreteTime(
+                step_size=self.step_size,
+                solver=AndersonAcceleration(
+                    rtol=self.rtol, atol=self.atol, history_length=self.history_length
+                ),
+            )
+
+        def one(phi0, xi, li):
+            return least_control_grad(
+                f,
+                loss,
+                params,
+                phi0,
+                (xi, li),
+                controller=controller,
+                solver=solver,
+                rtol=self.rtol,
+                atol=self.atol,
+                max_steps=self.max_steps,
+                throw=False,
+            )
+
+        grads, info = jax.vmap(one)((h0, y0), x, labels)
+        ok = info.result == RESULTS.successful
+        if self.drop_failed:
+            # A solve that hit `max_steps` or diverged returns an arbitrary ψ; leave
+            # those examples out of the batch average rather than follow it.
+            keep = ok.astype(x.dtype)
+            denom = jnp.maximum(jnp.sum(keep), 1.0)
+            grads = jtu.tree_map(
+                lambda g: jnp.tensordot(keep, g, axes=1) / denom, grads
+            )
+        else:
+            grads = jtu.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+        stats = dict(
+            loss=jnp.mean(jax.vmap(cross_entropy)(y0, labels)),
+            H=jnp.mean(info.control),
+            steps=jnp.mean(info.num_steps),
+            ok=jnp.mean(ok),
+        )
+        if self.variant == "kp":
+            grads = self._kp_grads(model, grads, info)
+        return grads, state, stats
+
+    def _kp_grads(self, model, grads, info):
+        # ΔS = σ(h)ψᵀ - γS is the transpose of ΔW's Hebbian term: S tracks Wᵀ once
+        # the decay has washed out both initialisations.
+        g = self.weight_decay
+        h, _ = info.phi
+        psi_h, psi_y = info.psi
+        s = jnp.tanh(h)
+        m_w, _, m_r = model.masks(model.U.shape[1], model.R.shape[0])
+        d_sw = jnp.einsum("bi,bj->ij", s, psi_h) / h.shape[0] * m_w.T
+        d_sr = jnp.einsum("bi,bj->ij", s, psi_y) / h.shape[0] * m_r.T
+        return eqx.tree_at(
+            lambda t: (t.W, t.R, t.S_W, t.S_R),
+            grads,
+            (
+                grads.W + g * model.W,
+                grads.R + g * model.R,
+                -d_sw + g * model.S_W,
+                -d_sr + g * model.S_R,
+            ),
+        )
+
+    def _lf_update(self, model, q, x, key):
+        from .._feedback_learning import linear_feedback_update
+
+        # The noise rule is run online, a short stretch per batch on a few examples'
+        # free equilibria (averaged), so `Q` tracks the network as it learns.
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        (h, y), _ = free_equilibrium(model, x[: self.q_samples])
+
+        def f(phi, theta, xi):
+            return eqx.combine(theta, static).vector_field(phi, xi)
+
+        def one(hi, yi, xi, k):
+            return linear_feedback_update(
+                f,
+                params,
+                (hi, yi),
+                q,
+                xi,
+                key=k,
+                output=lambda phi: phi[1],
+                num_steps=self.q_steps,
+                learning_rate=self.q_lr,
+                decay=self.q_decay,
+            )
+
+        keys = jax.random.split(key, h.shape[0])
+        return jnp.mean(jax.vmap(one)(h, y, x[: self.q_samples], keys), axis=0)
+
+
+@functools.cache
+def _adam(learning_rate: float):
+    import optax
+
+    # Cached so that repeated runs (seeds, methods) hit the same compiled step.
+    return optax.adam(learning_rate)
+
+
+@eqx.filter_jit
+def _train_step(model, opt_state, rule_state, xb, yb, key, rule, optim):
+    grads, rule_state, stats = rule(model, rule_state, xb, yb, key)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, opt_state = optim.update(grads, opt_state, params)
+    return eqx.apply_updates(model, updates), opt_state, rule_state, stats
+
+
+_predict = eqx.filter_jit(predict)
+
+
+def evaluate(model: EquilibriumNetwork, x, labels, batch_size: int = 512) -> float:
+    """Test accuracy (fraction correct) at the free equilibrium."""
+    correct = 0
+    pred = _predict
+    for i in range(0, len(x), batch_size):
+        correct += int(
+            jnp.sum(pred(model, x[i : i + batch_size]) == labels[i : i + batch_size])
+        )
+    return correct / len(x)
+
+
+def train_classifier(
+    model: EquilibriumNetwork,
+    rule: AbstractUpdateRule,
+    dataset,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    key: PRNGKeyArray,
+    progress: Callable | None = None,
+) -> tuple[EquilibriumNetwork, dict[str, list[float]]]:
+    """Train `model` with `rule` and Adam on `dataset`; evaluate after every epoch.
+
+    **Arguments:**
+
+    - `model`: the initial [`lcp_solvers.models.EquilibriumNetwork`][].
+    - `rule`: an update rule ([`lcp_solvers.models.RecurrentBackprop`][] or
+        [`lcp_solvers.models.LeastControl`][]).
+    - `dataset`: a [`lcp_solvers.models.Dataset`][].
+    - `epochs`, `batch_size`, `learning_rate`: the paper uses 30, 64 and 1e-3.
+    - `key`: PRNG key for shuffling (and the noise of linear feedback).
+    - `progress`: optional wrapper of the batch iterator, e.g. `tqdm.tqdm`.
+
+    **Returns:**
+
+    `(model, history)` with per-epoch lists `test_accuracy`, `train_loss`, `H`,
+    `steps`, `seconds` and `solve_success`.
+    """
+    optim = _adam(learning_rate)
+    dtype = model.W.dtype
+    x_train = jnp.asarray(dataset.x_train, dtype)
+    y_train = jnp.asarray(dataset.y_train)
+    x_test = jnp.asarray(dataset.x_test, dtype)
+    y_test = jnp.asarray(dataset.y_test)
+    key, init_key = jax.random.split(key)
+    rule_state = rule.init(model, init_key)
+    opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
+
+    history: dict[str, list[float]] = {
+        k: [] for k in ("test_accuracy", "train_loss", "H", "steps", "seconds")
+    }
+    history["solve_success"] = []
+    n = len(x_train)
+    num_batches = max(n // batch_size, 1)
+    for _ in range(epochs):
+        key, perm_key = jax.random.split(key)
+        perm = np.asarray(jax.random.permutation(perm_key, n))
+        batches = range(num_batches)
+        if progress is not None:
+            batches = progress(batches)
+        sums: dict[str, float] = {}
+        start = time.perf_counter()
+        for i in batches:
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            key, sub = jax.random.split(key)
+            model, opt_state, rule_state, stats = _train_step(
+                model,
+                opt_state,
+                rule_state,
+                x_train[idx],
+                y_train[idx],
+                sub,
+                rule,
+                optim,
+            )
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        history["seconds"].append(time.perf_counter() - start)
+        history["train_loss"].append(sums["loss"] / num_batches)
+        history["H"].append(sums["H"] / num_batches)
+        history["steps"].append(sums["steps"] / num_batches)
+        history["solve_success"].append(sums["ok"] / num_batches)
+        history["test_accuracy"].append(evaluate(model, x_test, y_test))
+    return model, history

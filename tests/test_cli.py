@@ -1,0 +1,153 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lcp_solvers import _cli
+from lcp_solvers._cli import main
+
+from .test_data import write_tiny_mnist_idx
+
+
+_TINY = ["--epochs", "1", "--hidden", "4", "--max-test", "20", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["demo"], ["reproduce"], ["reproduce", "table1"], ["reproduce", "meta"]],
+)
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: lcp-solvers" in out
+    if argv:
+        assert argv[-1] in out
+
+
+def test_console_script_and_module_entry_points():
+    for cmd in (
+        [sys.executable, "-m", "lcp_solvers", "--help"],
+        [sys.executable, "-c", "from lcp_solvers._cli import main; main()", "--help"],
+    ):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "demo" in proc.stdout and "reproduce" in proc.stdout
+    import importlib.metadata
+
+    (ep,) = [
+        e
+        for e in importlib.metadata.entry_points(group="console_scripts")
+        if e.name == "lcp-solvers"
+    ]
+    assert ep.value == "lcp_solvers._cli:main"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["reproduce", "table1"], "--dataset"),
+        (["reproduce", "table1", "--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["demo", "--epochs", "0"], "expected a positive integer, got 0"),
+        (["demo", "--alpha", "fast"], "expected a positive number, got 'fast'"),
+        (["reproduce", "meta", "--methods", "maml"], "invalid choice: 'maml'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "--help" in err
+
+
+def test_missing_mnist_files(tmp_path, capsys):
+    assert main(["reproduce", "table1", "--dataset", "mnist", *_TINY]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    write_tiny_mnist_idx(tmp_path, skip=("train-labels-idx1-ubyte",))
+    argv = ["reproduce", "table1", "--dataset", "mnist", "--data-dir", str(tmp_path)]
+    assert main([*argv, *_TINY]) == 2
+    err = capsys.readouterr().err
+    assert "train-labels-idx1-ubyte" in err and "t10k-images" not in err
+
+
+def test_demo(tmp_path, capsys):
+    out_json, png = tmp_path / "demo.json", tmp_path / "demo.png"
+    argv = ["demo", *_TINY, "--max-train", "64", "--json", str(out_json)]
+    assert main([*argv, "--plot", str(png)]) == 0
+    results = json.loads(out_json.read_text())
+    assert set(results) == {"BP/RBP", "LCP-DI"}
+    for r in results.values():
+        assert 0 <= r["test_accuracy"] <= 100
+        assert r["seconds_per_epoch"] > 0 and r["mean_solve_steps"] > 0
+    assert results["BP/RBP"]["final_H"] is None
+    assert results["LCP-DI"]["final_H"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "| LCP-DI | rnn |" in out and "| BP/RBP | rnn |" in out
+
+
+def test_table1_on_mnist_files(tmp_path, capsys):
+    write_tiny_mnist_idx(tmp_path)
+    out_json = tmp_path / "t1.json"
+    argv = ["reproduce", "table1", "--dataset", "mnist", "--data-dir", str(tmp_path)]
+    argv += [*_TINY, "--seeds", "2", "--methods", "rbp", "kp", "lf", "ebd"]
+    argv += ["--architectures", "ff", "--json", str(out_json)]
+    assert main(argv) == 0
+    results = json.loads(out_json.read_text())
+    assert set(results) == {
+        "BP/RBP [ff]",
+        "LCP-DI (KP) [ff]",
+        "LCP-LF [ff]",
+        "LCP-EBD [ff]",
+    }
+    for r in results.values():
+        assert len(r["test_accuracy_per_seed"]) == 2
+    assert "5 test" in capsys.readouterr().out
+
+
+def test_table1_digits_rnn_with_progress_bars(capsys):
+    tiny = [a for a in _TINY if a != "--no-progress"]
+    argv = ["reproduce", "table1", "--dataset", "digits", *tiny, "--seeds", "1"]
+    argv += ["--max-train", "64", "--methods", "di", "--architectures", "rnn"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "| LCP-DI | rnn |" in captured.out
+    assert "LCP-DI rnn seed 0" in captured.err  # the tqdm bar
+
+
+def test_meta(tmp_path, capsys):
+    out_json = tmp_path / "meta.json"
+    argv = ["reproduce", "meta", "--seeds", "1", "--meta-steps", "2"]
+    argv += ["--meta-batch", "2", "--width", "3", "--test-tasks", "3"]
+    argv += ["--no-progress", "--json", str(out_json)]
+    assert main(argv) == 0
+    results = json.loads(out_json.read_text())
+    assert set(results) == {"LCP", "iMAML", "FOMAML", "Reptile"}
+    for r in results.values():
+        assert r["test_mse"] > 0 and len(r["curves"][0]) == 2
+    assert "| LCP |" in capsys.readouterr().out
+
+
+def test_optional_extras_are_not_imported_eagerly():
+    code = (
+        "import sys, lcp_solvers, lcp_solvers.models, lcp_solvers._cli; "
+        "print(sorted(m for m in ('optax', 'sklearn', 'matplotlib', 'tqdm', "
+        "'mnist1d') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_missing_examples_extra_is_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setattr(_cli, "_missing_extras", lambda: ["optax", "mnist1d"])
+    assert _cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "missing: optax, mnist1d" in err
+    assert "pip install 'lcp-solvers[examples]'" in err

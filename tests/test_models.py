@@ -1,0 +1,255 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+import pytest
+
+import lcp_solvers as lcp
+from lcp_solvers.models import (
+    ComplexSynapseLearner,
+    cross_entropy,
+    EquilibriumNetwork,
+    free_equilibrium,
+    init_mlp,
+    LeastControl,
+    meta_gradient,
+    RecurrentBackprop,
+    sample_sinusoid_tasks,
+    train_classifier,
+)
+
+from .helpers import assert_tree_close, tree_cosine
+
+
+def _batch(key, n=5, d=6, c=3):
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (n, d)), jax.random.randint(ky, (n,), 0, c)
+
+
+def _loss_unrolled(model, x, labels, iters=200):
+    # Independent of optimistix: plain fixed-point iteration, differentiated by
+    # ordinary backprop through every step.
+    h = jnp.zeros((x.shape[0], model.num_hidden))
+    for _ in range(iters):
+        h = jax.vmap(model.fixed_point_map)(h, x)
+    y = jax.vmap(model.readout)(h)
+    return jnp.mean(jax.vmap(cross_entropy)(y, labels))
+
+
+def test_ff_masks_make_a_feedforward_pass():
+    model = EquilibriumNetwork(6, 3, (4, 5), "ff", key=jax.random.key(0))
+    x, _ = _batch(jax.random.key(1))
+    (h, y), _ = free_equilibrium(model, x)
+    w, u = model.W, model.U
+    h1 = x @ u[:4].T  # only layer 1 sees x; b = 0 at initialisation
+    h2 = jnp.tanh(h1) @ w[4:, :4].T
+    np.testing.assert_allclose(h[:, :4], h1, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(h[:, 4:], h2, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, jnp.tanh(h2) @ model.R[:, 4:].T, atol=1e-10)
+    # No connections outside the blocks, even after an update of the raw weights.
+    m_w, m_u, m_r = model.masks(6, 3)
+    assert m_w[:4].sum() == 0 and m_w[4:, 4:].sum() == 0 and m_u[4:].sum() == 0
+    assert m_r[:, :4].sum() == 0
+
+
+def test_rbp_gradient_matches_unrolled_backprop():
+    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(2))
+    x, labels = _batch(jax.random.key(3))
+    grads, _, stats = RecurrentBackprop(rtol=1e-10, atol=1e-10)(
+        model, None, x, labels, jax.random.key(0)
+    )
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    expected = jax.grad(lambda p: _loss_unrolled(eqx.combine(p, static), x, labels))(
+        params
+    )
+    assert_tree_close(grads, expected, 1e-6)
+    assert stats["ok"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ["ff", "rnn"])
+def test_lcp_update_is_the_local_hebbian_rule(arch):
+    hidden = (4, 5) if arch == "ff" else 6
+    model = EquilibriumNetwork(6, 3, hidden, arch, key=jax.random.key(4))
+    x, labels = _batch(jax.random.key(5))
+    rule = LeastControl(variant="di", alpha=0.1, rtol=1e-10, atol=1e-10, max_steps=2000)
+    grads, _, stats = rule(model, None, x, labels, jax.random.key(0))
+    assert stats["ok"] == 1.0
+
+    def f(phi, theta, xi):
+        return theta.vector_field(phi, xi[0])
+
+    def loss(phi, args):
+        return cross_entropy(phi[1], args[1])
+
+    (h0, y0), _ = free_equilibrium(model, x)
+    _, info = jax.vmap(
+        lambda p, xi, li: lcp.least_control_grad(
+            f,
+            loss,
+            model,
+            p,
+            (xi, li),
+            controller=lcp.DynamicInversion(alpha=0.1),
+            rtol=1e-10,
+            atol=1e-10,
+        )
+    )((h0, y0), x, labels)
+    h, _ = info.phi
+    psi_h, psi_y = info.psi
+    # The controlled equilibrium holds: f(φ) + ψ = 0.
+    fh, fy = jax.vmap(model.vector_field)(info.phi, x)
+    np.testing.assert_allclose(fh + psi_h, 0, atol=1e-8)
+    s = jnp.tanh(h)
+    m_w, m_u, m_r = model.masks(6, 3)
+    n = x.shape[0]
+    np.testing.assert_allclose(-grads.W, psi_h.T @ s / n * m_w, atol=1e-8)
+    np.testing.assert_allclose(-grads.U, psi_h.T @ x / n * m_u, atol=1e-8)
+    np.testing.assert_allclose(-grads.R, psi_y.T @ s / n * m_r, atol=1e-8)
+    np.testing.assert_allclose(-grads.b, psi_h.mean(0), atol=1e-8)
+    np.testing.assert_allclose(-grads.c, psi_y.mean(0), atol=1e-8)
+
+
+def test_weak_control_recovers_the_implicit_gradient():
+    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(6))
+    x, labels = _batch(jax.random.key(7))
+    alpha = 1e4
+    grads, _, _ = LeastControl(variant="di", alpha=alpha, rtol=1e-12, atol=1e-12)(
+        model, None, x, labels, jax.random.key(0)
+    )
+    rbp, _, _ = RecurrentBackprop(rtol=1e-10, atol=1e-10)(
+        model, None, x, labels, jax.random.key(0)
+    )
+    scaled = jax.tree.map(lambda g: alpha * g, grads)
+    # Relative error O(1/alpha): the nudged state is 1e-4 away from the free one.
+    assert_tree_close(scaled, rbp, 1e-2)
+    ebd, _, _ = LeastControl(variant="ebd", alpha=alpha, rtol=1e-12, atol=1e-12)(
+        model, None, x, labels, jax.random.key(0)
+    )
+    assert_tree_close(ebd, grads, 1e-5)
+
+
+def test_kp_feedback_with_transposed_weights_is_the_exact_jacobian():
+    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(8), feedback=True)
+    tied = eqx.tree_at(lambda m: (m.S_W, m.S_R), model, (model.W.T, model.R.T))
+    phi = (jax.random.normal(jax.random.key(9), (7,)), jnp.ones(3))
+    psi = (jax.random.normal(jax.random.key(10), (7,)), jnp.arange(3.0))
+    x = jnp.ones(6)
+    _, vjp = jax.vjp(lambda p: model.vector_field(p, x), phi)
+    assert_tree_close(tied.kp_feedback(phi, psi), vjp(psi)[0], 1e-12)
+
+    x, labels = _batch(jax.random.key(11))
+    kp = LeastControl(variant="kp", alpha=0.1, rtol=1e-10, atol=1e-10, weight_decay=0.0)
+    di = LeastControl(variant="di", alpha=0.1, rtol=1e-10, atol=1e-10)
+    g_kp, _, _ = kp(tied, None, x, labels, jax.random.key(0))
+    g_di, _, _ = di(tied, None, x, labels, jax.random.key(0))
+    assert_tree_close((g_kp.W, g_kp.U, g_kp.R), (g_di.W, g_di.U, g_di.R), 1e-7)
+    # ΔS = σ(h)ψᵀ: the transpose of ΔW (no decay, tied weights: same ψ as DI).
+    np.testing.assert_allclose(g_kp.S_W, g_kp.W.T, atol=1e-10)
+    np.testing.assert_allclose(g_kp.S_R, g_kp.R.T, atol=1e-10)
+    decay = LeastControl(variant="kp", alpha=0.1, rtol=1e-10, atol=1e-10)
+    g_dec, _, _ = decay(tied, None, x, labels, jax.random.key(0))
+    np.testing.assert_allclose(
+        g_dec.S_W - g_kp.S_W, decay.weight_decay * tied.S_W, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        g_dec.W - g_kp.W, decay.weight_decay * tied.W, atol=1e-10
+    )
+    with pytest.raises(ValueError, match="feedback=True"):
+        kp.init(EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(0)), None)
+
+
+def test_linear_feedback_learns_q_towards_the_di_update():
+    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(12))
+    x, labels = _batch(jax.random.key(13), n=8)
+    rule = LeastControl(variant="lf", alpha=0.1, q_steps=4000, q_samples=8)
+    q = rule.init(model, jax.random.key(0))
+    assert q.shape == (10, 3) and not q.any()
+    g_di, _, _ = LeastControl(variant="di", alpha=0.1)(
+        model, None, x, labels, jax.random.key(0)
+    )
+    cosines = []
+    for i in range(3):
+        g_lf, q, stats = rule(model, q, x, labels, jax.random.key(i))
+        cosines.append(tree_cosine((g_lf.W, g_lf.U), (g_di.W, g_di.U)))
+    assert stats["ok"] == 1.0
+    # Learning Q aligns the update with dynamic inversion (Theorem 2) step by step.
+    assert cosines[0] < cosines[1] < cosines[2] and cosines[-1] > 0.8, cosines
+
+
+def test_training_with_optax_learns():
+    from lcp_solvers.models import Dataset
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 6)) * 2
+    y = rng.integers(0, 3, size=120)
+    xs = (centres[y] + rng.normal(size=(120, 6))).astype(np.float32)
+    ds = Dataset(xs[:90], y[:90], xs[90:], y[90:], 3, "blobs")
+    model = EquilibriumNetwork(6, 3, 8, "rnn", key=jax.random.key(0), dtype=jnp.float32)
+    for rule in (RecurrentBackprop(), LeastControl(variant="di")):
+        trained, hist = train_classifier(
+            model,
+            rule,
+            ds,
+            epochs=5,
+            batch_size=16,
+            learning_rate=3e-2,
+            key=jax.random.key(1),
+        )
+        assert trained.W.dtype == jnp.float32
+        assert hist["train_loss"][-1] < hist["train_loss"][0]
+        assert hist["test_accuracy"][-1] > 0.8, hist
+
+
+def test_meta_gradients_against_independent_formulas():
+    omega, unravel = init_mlp(jax.random.key(0), width=3)
+    # A strong synapse keeps the inner problems convex near ω, so that the
+    # independent BFGS solves find the same stationary points as the dynamics.
+    lam = 10.0
+    learner = ComplexSynapseLearner(unravel, lam=lam, rtol=1e-10, atol=1e-10)
+    tasks = sample_sinusoid_tasks(jax.random.key(1), 2, shots=5, queries=4)
+    task0 = jax.tree.map(lambda a: a[:1], tasks)
+    xs, ys, xq, yq = (a[0] for a in task0)
+
+    def inner(phi, om, alpha=None):
+        value = learner.mse(phi, xs, ys) + 0.5 * lam * jnp.sum((phi - om) ** 2)
+        if alpha is not None:
+            value = value + learner.mse(phi, xq, yq) / alpha
+        return value
+
+    phi_star = optx.minimise(
+        lambda p, _: inner(p, omega), optx.BFGS(rtol=1e-12, atol=1e-12), omega
+    ).value
+    # iMAML: λ (∇²F + ... )⁻¹ ∇L_eval by an explicit Hessian solve.
+    hess = jax.hessian(inner)(phi_star, omega)
+    g_eval = jax.grad(learner.mse)(phi_star, xq, yq)
+    expected = lam * jnp.linalg.solve(hess, g_eval)
+    got, _ = meta_gradient("imaml", learner, omega, task0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    got, _ = meta_gradient("fomaml", learner, omega, task0)
+    np.testing.assert_allclose(got, g_eval, rtol=1e-6, atol=1e-9)
+    got, _ = meta_gradient("reptile", learner, omega, task0)
+    np.testing.assert_allclose(got, omega - phi_star, rtol=1e-6, atol=1e-9)
+    # LCP with Q = I: the controlled state minimises F + L_eval/α and Δω = λu* with
+    # u* = -∇L_eval(φ_c)/α.
+    alpha = 2.0
+    phi_c = optx.minimise(
+        lambda p, _: inner(p, omega, alpha),
+        optx.BFGS(rtol=1e-12, atol=1e-12),
+        phi_star,
+    ).value
+    expected = lam * jax.grad(learner.mse)(phi_c, xq, yq) / alpha
+    got, stats = meta_gradient("lcp", learner, omega, task0, alpha=alpha)
+    assert stats["ok"] == 1.0
+    assert_tree_close(got, expected, 1e-5)
+    with pytest.raises(ValueError, match="Unknown meta-learning method"):
+        meta_gradient("maml", learner, omega, task0)  # pyright: ignore
+
+
+def test_bad_model_arguments():
+    with pytest.raises(ValueError, match="architecture"):
+        EquilibriumNetwork(2, 2, 3, "cnn", key=jax.random.key(0))  # pyright: ignore
+    with pytest.raises(ValueError, match="single hidden size"):
+        EquilibriumNetwork(2, 2, (3, 3), "rnn", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="variant"):
+        LeastControl(variant="bp")  # pyright: ignore
