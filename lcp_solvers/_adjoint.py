@@ -71,9 +71,16 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
     Any `optx.AbstractFixedPointSolver` (applied to the joint map) or
     `optx.AbstractRootFinder` (applied to the joint root problem) can be passed.
 
-    **Forward mode.** The result is not linear in `ḡ`, so it is a custom VJP:
-    `jax.jvp`/`jax.jacfwd` through it raise an error. Use `optx.ImplicitAdjoint` for
-    forward-mode derivatives.
+    **Forward mode.** The least-control map is not linear in `ḡ`, so it is the
+    transpose rule of a linear primitive whose own evaluation is the implicit JVP:
+    `jax.jvp`/`jax.jacfwd` through the solve return the **implicit** tangents
+    (documented fallback), reverse mode returns least-control updates, and
+    second-order forward mode (`jacfwd` of `jacfwd`) raises an error pointing to
+    `optx.ImplicitAdjoint`.
+
+    **Batches.** Under `jax.vmap` each sample is normalised by its own cotangent; with a
+    fixed-point solver all samples' controlled equilibria are solved as one system,
+    and shared parameters get one batched VJP rather than per-sample gradients.
     """
 
     strength: float = 1e-3
