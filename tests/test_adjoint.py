@@ -17,7 +17,12 @@ import scipy.optimize
 
 import lcp_solvers as lcp
 
-from .helpers import assert_tree_close, contraction_weights, tree_rel_error
+from .helpers import (
+    assert_tree_close,
+    central_difference,
+    contraction_weights,
+    tree_rel_error,
+)
 
 
 TOL = 1e-11
@@ -221,13 +226,7 @@ def _leaky_reference_gradient(fn, theta, y_star, cotangent, beta, eps=1e-5):
         assert res.success, res.message
         return res.fun
 
-    theta = np.asarray(theta, dtype=np.float64)
-    grad = np.zeros_like(theta)
-    for i in range(theta.size):
-        e = np.zeros_like(theta)
-        e[i] = eps
-        grad[i] = (value(theta + e) - value(theta - e)) / (2 * eps)
-    return grad
+    return central_difference(value, theta, eps)
 
 
 @pytest.mark.parametrize(
