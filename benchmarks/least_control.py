@@ -86,8 +86,13 @@ def implicit_grad(theta, x, y, linear_solver=_DENSE):
     return grad, (jnp.mean(steps), jnp.max(steps))
 
 
-def make_lcp(alpha, proportional):
-    controller = lcp.DynamicInversion(alpha=alpha, proportional=proportional)
+def make_lcp(alpha, proportional, energy_based=False):
+    if energy_based:
+        # Gradient flow on ½‖f‖² + L/alpha: the same controlled equilibrium as DI at
+        # this alpha, with the state as the only unknown.
+        controller = lcp.EnergyBased(beta=1 / alpha)
+    else:
+        controller = lcp.DynamicInversion(alpha=alpha, proportional=proportional)
     solver = lcp.DiscreteTime(step_size=0.5, solver=anderson)
 
     @eqx.filter_jit
@@ -147,13 +152,14 @@ def main():
     )  # fmt: skip
     rows.append(("implicit (RBP, adjoint fixed-point iteration)", t_rbp, steps_imp,
                  "iteration", cosine(g_rbp, g_imp)))  # fmt: skip
-    for name, alpha, prop in [
-        ("LCP-DI alpha=0.1 (proportional)", 0.1, True),
-        ("LCP-DI alpha=0.1 (integral)", 0.1, False),
-        ("LCP-DI alpha=0", 0.0, False),
+    for name, alpha, prop, ebd in [
+        ("LCP-DI alpha=0.1 (proportional)", 0.1, True, False),
+        ("LCP-DI alpha=0.1 (integral)", 0.1, False, False),
+        ("LCP-EBD beta=10 (DI alpha=0.1's equilibrium)", 0.1, False, True),
+        ("LCP-DI alpha=0", 0.0, False, False),
     ]:
         t, (g, s_free, s_ctl, info) = timed(
-            make_lcp(alpha, prop), theta, x, y, repeats=opts.repeats
+            make_lcp(alpha, prop, ebd), theta, x, y, repeats=opts.repeats
         )
         ok = bool(jnp.all(info.result == lcp.RESULTS.successful))
         rows.append((name + ("" if ok else " [FAILED]"), t, s_free, s_ctl,
