@@ -38,10 +38,6 @@ def tree_scale(tree: PyTree[Array], s) -> PyTree[Array]:
     return jtu.tree_map(scale, tree)
 
 
-def tree_add(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
-    return jtu.tree_map(jnp.add, a, b)
-
-
 def tree_sub(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(jnp.subtract, a, b)
 
