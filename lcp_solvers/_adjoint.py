@@ -16,7 +16,7 @@ from jax.interpreters import ad
 from jaxtyping import Array, PyTree
 
 from ._anderson import AndersonAcceleration
-from ._misc import tree_allfinite, tree_rms, tree_scale
+from ._misc import is_none, tree_allfinite, tree_float_dtype, tree_rms, tree_scale
 from ._solution import RESULTS
 
 
@@ -177,16 +177,12 @@ def _least_control_impl(primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form
     return jtu.tree_map(jnp.asarray, primal_fn(inputs))
 
 
-def _is_none(x):
-    return x is None
-
-
 @_least_control_impl.def_jvp
 def _least_control_jvp(primals, tangents):
     primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form = primals
     t_inputs = tangents[2]
-    no_tangent = jtu.tree_map(_is_none, t_inputs, is_leaf=_is_none)
-    nondiff, diff = eqx.partition(inputs, no_tangent, is_leaf=_is_none)
+    no_tangent = jtu.tree_map(is_none, t_inputs, is_leaf=is_none)
+    nondiff, diff = eqx.partition(inputs, no_tangent, is_leaf=is_none)
     t_diff = eqx.filter(t_inputs, jtu.tree_map(lambda x: not x, no_tangent))
     root, residual = _least_control_impl(
         primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form
@@ -233,7 +229,7 @@ def _implicit_tangent(problem: _Problem, rewrite_fn):
         lambda d, t: t if d is None or t is not None else jnp.zeros_like(d),
         problem.diff,
         problem.t_diff,
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )
     _, rhs = jax.jvp(lambda d: f(problem.root, d), (problem.diff,), (t_diff,))
     operator = lx.JacobianLinearOperator(lambda y, _: f(y, problem.diff), problem.root)
@@ -281,29 +277,23 @@ def _tangent_transpose(inputs, cts_out):
     (ct_root,) = cts_out
     forward_solver = eqx.combine(problem.diff, problem.nondiff)[1]
 
+    options = dict(
+        adjoint=adjoint,
+        fixed_point_form=fixed_point_form,
+        forward_solver=forward_solver,
+    )
+
     def equilibrium(root, residual, diff, nondiff, ct):
-        return controlled_equilibrium(
-            _rewrite_at(rewrite_fn, residual, nondiff),
-            root,
-            diff,
-            ct,
-            adjoint=adjoint,
-            fixed_point_form=fixed_point_form,
-            forward_solver=forward_solver,
-        )
+        f = _rewrite_at(rewrite_fn, residual, nondiff)
+        return controlled_equilibrium(f, root, diff, ct, **options)
 
     def dynamics(y, residual, diff, nondiff):
         return _rewrite_at(rewrite_fn, residual, nondiff)(y, diff)
 
     diff = problem.diff
     if batching is None:
-        y_c, weight = equilibrium(
-            problem.root, problem.residual, diff, problem.nondiff, ct_root
-        )
-        _, vjp = jax.vjp(
-            lambda d: dynamics(y_c, problem.residual, d, problem.nondiff), diff
-        )
-        (theta_bar,) = vjp(weight)
+        f = _rewrite_at(rewrite_fn, problem.residual, problem.nondiff)
+        theta_bar = least_control_vjp(f, problem.root, diff, ct_root, **options)
     else:
         # Solve each sample's controlled equilibrium on its own (its own cotangent
         # scale), then take one VJP of the vectorised dynamics: JAX contracts over the
@@ -326,10 +316,10 @@ def _tangent_transpose(inputs, cts_out):
             diff,
             t_batched,
             axes.diff,
-            is_leaf=_is_none,
+            is_leaf=is_none,
         )
         diff_axes = jtu.tree_map(
-            lambda tb, a: 0 if tb else a, t_batched, axes.diff, is_leaf=_is_none
+            lambda tb, a: 0 if tb else a, t_batched, axes.diff, is_leaf=is_none
         )
         in_axes = (0, axes.residual, diff_axes, axes.nondiff)
         batched_dynamics = eqx.filter_vmap(
@@ -351,10 +341,8 @@ def _tangent_transpose(inputs, cts_out):
                 root,
                 diff,
                 ct_root,
-                adjoint=adjoint,
-                fixed_point_form=fixed_point_form,
-                forward_solver=forward_solver,
                 per_sample=True,
+                **options,
             )
         else:
             # A root finder (e.g. Newton's dense Jacobian) must not see the batch as
@@ -372,7 +360,7 @@ def _tangent_transpose(inputs, cts_out):
             theta_bar,
             t_batched,
             diff_axes,
-            is_leaf=_is_none,
+            is_leaf=is_none,
         )
     ct_t_diff = jtu.tree_map(
         lambda t, g: g if _is_undefined(t) else None,
@@ -472,7 +460,7 @@ def controlled_equilibrium(
     # An all-zero cotangent has an all-zero update; avoid dividing by zero.
     safe_scale = jnp.where(g_scale > 0, g_scale, 1)
     g_hat = tree_scale(grad_root, 1 / safe_scale)
-    strength = jnp.asarray(adjoint.strength, dtype=_float_dtype(root))
+    strength = jnp.asarray(adjoint.strength, dtype=tree_float_dtype(root))
 
     solver = _controlled_solver(adjoint, fixed_point_form, forward_solver)
     lam0 = jtu.tree_map(jnp.zeros_like, root)
@@ -554,11 +542,6 @@ def least_control_vjp(
     _, vjp = jax.vjp(lambda d: f(y_c, eqx.combine(d, static_theta)), diff_theta)
     (theta_bar,) = vjp(weight)
     return eqx.combine(theta_bar, jtu.tree_map(lambda _: None, static_theta))
-
-
-def _float_dtype(tree):
-    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
-    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
 
 
 def _controlled_solver(adjoint, fixed_point_form, forward_solver):

@@ -12,7 +12,7 @@ import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from ._adjoint import least_control_vjp, LeastControlAdjoint
-from ._misc import structure_of, tree_sub
+from ._misc import is_none, structure_of, tree_float_dtype, tree_sub
 
 
 _FixedPointOrRoot = optx.AbstractFixedPointSolver | optx.AbstractRootFinder
@@ -293,7 +293,7 @@ def _least_control_bwd(
         lambda r, g: jnp.zeros_like(r) if g is None else g,
         root,
         grad_root,
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )
     solver_conv, fn_conv, args, kwargs = vjp_arg
     # Differentiate only what is perturbed, so that e.g. a non-differentiated weight
@@ -302,7 +302,7 @@ def _least_control_bwd(
     theta_diff, theta_nondiff = eqx.partition(theta, perturbed[1:])
     rtol, atol = adjoint.rtol, adjoint.atol
     if adjoint.solver is None and (rtol is None or atol is None):
-        default = float(np.sqrt(np.finfo(_dtype(root)).eps))
+        default = float(np.sqrt(np.finfo(tree_float_dtype(root)).eps))
         adjoint = dataclasses.replace(
             adjoint,
             rtol=default if rtol is None else rtol,
@@ -322,12 +322,3 @@ def _least_control_bwd(
     )
     solver_bar = jtu.tree_map(lambda _: None, solver_conv)
     return solver_bar, fn_bar, args_bar, kwargs_bar
-
-
-def _is_none(x):
-    return x is None
-
-
-def _dtype(tree):
-    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
-    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)

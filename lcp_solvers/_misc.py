@@ -1,3 +1,4 @@
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -44,3 +45,13 @@ def tree_sub(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
 
 def structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
     return jax.eval_shape(lambda: tree)
+
+
+def is_none(x) -> bool:
+    return x is None
+
+
+def tree_float_dtype(tree: PyTree) -> jnp.dtype:
+    """The promoted dtype of a pytree's inexact arrays (the default float if none)."""
+    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
+    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
