@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import optimistix as optx
 from jaxtyping import Array, PyTree
 
 
@@ -11,20 +12,15 @@ def tree_allfinite(tree: PyTree[Array]) -> Array:
 
 
 def tree_rms(tree: PyTree[Array], per_sample: bool = False) -> Array:
-    """Root-mean-square over every element of a pytree (0 for an empty tree). With
-    `per_sample=True`, one value per index of every leaf's leading axis."""
+    """`optx.rms_norm` of a pytree; with `per_sample=True`, one value per index of
+    every leaf's leading axis."""
+    if not per_sample:
+        return optx.rms_norm(tree)
     leaves = jtu.tree_leaves(tree)
-    if not leaves:
-        return jnp.array(0.0)
-    if per_sample:
-        size = sum(x[0].size for x in leaves)
-        sq = sum(
-            jnp.sum(jnp.square(jnp.abs(x)).reshape(x.shape[0], -1), axis=1)
-            for x in leaves
-        )
-    else:
-        size = sum(x.size for x in leaves)
-        sq = sum(jnp.sum(jnp.square(jnp.abs(x))) for x in leaves)
+    size = sum(x[0].size for x in leaves)
+    sq = sum(
+        jnp.sum(jnp.square(jnp.abs(x)).reshape(x.shape[0], -1), axis=1) for x in leaves
+    )
     return jnp.sqrt(sq / size)
 
 
