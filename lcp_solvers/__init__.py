@@ -15,6 +15,7 @@ from ._feedback_learning import linear_feedback_update as linear_feedback_update
 from ._inner_solver import (
     ContinuousTime as ContinuousTime,
     DiscreteTime as DiscreteTime,
+    IMEX as IMEX,
 )
 from ._jaxopt import (
     custom_fixed_point as custom_fixed_point,
@@ -22,6 +23,7 @@ from ._jaxopt import (
 )
 from ._least_control import (
     least_control_grad as least_control_grad,
+    least_control_objective as least_control_objective,
     LeastControlInfo as LeastControlInfo,
 )
 from ._readout import with_readout as with_readout

@@ -42,14 +42,15 @@ def _output_mask(loss_fn, phi, args):
     nonzero there; components the loss never reads have both identically zero.
     """
     grad = jax.grad(lambda p: loss_fn(p, args))
-    leaves, treedef = jtu.tree_flatten(phi)
-    keys = jax.random.split(jax.random.key(0), max(len(leaves), 1))
-    probe = jtu.tree_unflatten(
-        treedef,
-        [
-            jax.random.uniform(k, x.shape, x.dtype, 0.5, 1.5)
-            for k, x in zip(keys, leaves, strict=False)
-        ],
+    # A fixed, generic probe (a low-discrepancy sequence in [0.5, 1.5)): no exact
+    # cancellation in the Hessian product, and cheaper than drawing random numbers.
+    probe = jtu.tree_map(
+        lambda x: (
+            (0.5 + jnp.mod(0.1234 + 0.6180339887 * jnp.arange(x.size), 1.0))
+            .reshape(x.shape)
+            .astype(x.dtype)
+        ),
+        phi,
     )
     g, hp = jax.jvp(grad, (phi,), (probe,))
     return jtu.tree_map(lambda a, b: ((a != 0) | (b != 0)).astype(a.dtype), g, hp)
@@ -64,6 +65,11 @@ def _u_velocity(sys, phi, u, alpha):
     return jtu.tree_map(
         lambda gi, ui, m: m * (-gi - alpha * ui) - (1 - m) * ui, g, u, sys.mask
     )
+
+
+def _inverse_or_zero(alpha):
+    alpha = jnp.asarray(alpha)
+    return jnp.where(alpha > 0, 1 / jnp.where(alpha > 0, alpha, 1), 0.0)
 
 
 def _add(a, b):
@@ -98,6 +104,32 @@ class AbstractController(eqx.Module):
     ) -> tuple[PyTree[Array], PyTree[Array], PyTree[Array]]:
         """`(phi, psi, u)` at a (steady) state: the state, the control `psi` added to
         the free velocity, and the output controller `u` (zero off the outputs)."""
+
+    def loss_weight(self) -> Array:
+        """`w` in the objective `½‖ψ⋆‖² + w·L(φ⋆)` whose gradient is the update: `0`
+        for perfect control, `1/α` for a leaky output controller, `β` for
+        [`lcp_solvers.EnergyBased`][]."""
+        return jnp.asarray(0.0)
+
+    def imex_step(
+        self,
+        sys: _System,
+        state: PyTree[Array],
+        step_size: float,
+        output_gain: float,
+        loss_step: Callable,
+    ) -> PyTree[Array]:
+        """One step of `lcp.IMEX`: an Euler step of the dynamics with the loss term
+        implicit, the output controller's rate multiplied by `output_gain`.
+        `loss_step(phi, v, c)` returns `z` with `z = v - c∇L(z)`. Its fixed points
+        must be the steady states of `velocity`."""
+        raise ValueError(
+            f"`lcp.IMEX` does not support the controller {type(self).__name__}: it "
+            "needs the loss to enter the state through a symmetric (gradient) "
+            "pathway, as in `lcp.DynamicInversion` and `lcp.EnergyBased`. Use "
+            "`lcp.DiscreteTime(step_size, lcp.AndersonAcceleration(rtol, atol))` or "
+            "the default `optx.Newton` for this controller."
+        )
 
 
 class DynamicInversion(AbstractController):
@@ -139,6 +171,9 @@ class DynamicInversion(AbstractController):
                     "use `proportional=False` (integral control) for alpha = 0."
                 )
 
+    def loss_weight(self):
+        return _inverse_or_zero(self.alpha)
+
     def _jt_psi(self, sys, phi, psi):
         if self.feedback is None:
             f_phi, vjp = sys.f_and_vjp(phi)
@@ -162,6 +197,42 @@ class DynamicInversion(AbstractController):
             return _add(f_phi, psi), _add(jt, u_p), u_dot
         u_dot = _u_velocity(sys, phi, u, self.alpha)
         return _add(f_phi, psi), _add(jt, u), u_dot
+
+    def imex_step(self, sys, state, step_size, output_gain, loss_step):
+        # The Euler step of (φ, ψ, u) with u (hence ∇L) at the new state:
+        #   ψ' = ψ + h(Jᵀψ + u'),  φ' = φ + h(f + ψ'),  u' from ∇L(φ'),
+        # so φ' = v - c∇L(φ') with v, c below, and ψ' = (φ' - φ - hf)/h. At a fixed
+        # point f + ψ = 0, Jᵀψ + u = 0 and the u-equation hold: the DI steady state.
+        # The integral controller runs `output_gain` times faster (hu = h·gain), which
+        # leaves that steady state unchanged.
+        h = step_size
+        hu = step_size * output_gain
+        phi, psi, u = state
+        f_phi, jt = self._jt_psi(sys, phi, psi)
+        a = jtu.tree_map(lambda p, fp: p + h * fp, phi, f_phi)
+        b = jtu.tree_map(lambda s, j: s + h * j, psi, jt)
+        if self.proportional:
+            # u' = -∇L(φ')/α on the outputs.
+            k = 1.0
+            c = h * h / self.alpha
+            u_explicit = jtu.tree_map(jnp.zeros_like, u)
+        else:
+            # u' = (u - hu∇L(φ'))/(1 + huα) on the outputs; off them u relaxes to 0.
+            k = 1 / (1 + hu * self.alpha)
+            c = h * h * hu * k
+            u_explicit = jtu.tree_map(
+                lambda ui, m: m * k * ui + (1 - m) * ui / (1 + hu), u, sys.mask
+            )
+        v = jtu.tree_map(lambda ai, bi, ue: ai + h * bi + h * h * ue, a, b, u_explicit)
+        phi_new = loss_step(phi, v, c)
+        psi_new = jtu.tree_map(lambda z, ai: (z - ai) / h, phi_new, a)
+        g = sys.grad_loss(phi_new)
+        # Proportional: u' = -∇L/α; integral: u' = u_explicit - huk∇L (outputs).
+        gain = 1 / self.alpha if self.proportional else hu * k
+        u_new = jtu.tree_map(
+            lambda ue, gi, m: ue - m * gain * gi, u_explicit, g, sys.mask
+        )
+        return phi_new, psi_new, u_new
 
     def unpack(self, sys, state):
         return state
@@ -191,6 +262,9 @@ class EnergyBased(AbstractController):
                 "1/alpha of `DynamicInversion`; perfect control needs DI with alpha=0)."
             )
 
+    def loss_weight(self):
+        return jnp.asarray(self.beta)
+
     def init(self, sys, phi):
         return phi
 
@@ -199,6 +273,14 @@ class EnergyBased(AbstractController):
         (jt_f,) = vjp(f_phi)
         g = sys.grad_loss(state)
         return jtu.tree_map(lambda a, b: -a - self.beta * b, jt_f, g)
+
+    def imex_step(self, sys, state, step_size, output_gain, loss_step):
+        del output_gain  # no output controller: u = -β∇L is instantaneous
+        # A proximal-gradient step: explicit on ½‖f‖², implicit on βL.
+        f_phi, vjp = sys.f_and_vjp(state)
+        (jt_f,) = vjp(f_phi)
+        v = jtu.tree_map(lambda p, j: p - step_size * j, state, jt_f)
+        return loss_step(state, v, step_size * self.beta)
 
     def unpack(self, sys, state):
         psi = jtu.tree_map(jnp.negative, sys.f(state))
@@ -255,6 +337,9 @@ class LinearFeedback(AbstractController):
             raise ValueError(
                 f"`LinearFeedback(alpha=...)` must be >= 0, got {self.alpha}."
             )
+
+    def loss_weight(self):
+        return _inverse_or_zero(self.alpha)
 
     def init(self, sys, phi):
         return phi, jtu.tree_map(jnp.zeros_like, phi)

@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -17,10 +18,12 @@ from ._controller import (
 from ._inner_solver import (
     check_solver,
     divergence_fix,
+    IMEX,
     InnerSolver,
     solve,
     solver_name,
 )
+from ._misc import is_none
 from ._solution import RESULTS
 
 
@@ -102,6 +105,112 @@ def _check_structures(f, loss, theta, phi0, args, controller):
             )
 
 
+def _check_arguments(f, loss, theta, phi0, args, controller, solver, name):
+    check_solver(solver)
+    if not isinstance(controller, AbstractController):
+        raise ValueError(
+            f"`{name}(controller=...)` must be an `lcp.AbstractController` "
+            "such as `lcp.DynamicInversion(alpha=0.1)`, got "
+            f"{type(controller).__name__}."
+        )
+    _check_structures(f, loss, theta, phi0, args, controller)
+
+
+def _controlled_equilibrium(
+    f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps, throw
+) -> LeastControlInfo:
+    """The free and controlled solves shared by `least_control_grad` and
+    `least_control_objective`."""
+    phi0 = jtu.tree_map(jnp.asarray, phi0)
+    leaves = [x for x in jtu.tree_leaves(phi0) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    double = bool(leaves) and all(jnp.finfo(x.dtype).bits >= 64 for x in leaves)
+    default_tol = 1e-8 if double else 1e-5
+    rtol = default_tol if rtol is None else rtol
+    atol = default_tol if atol is None else atol
+    free_f = lambda phi: f(phi, theta, args)
+    phi_free, free_result, free_steps = solve(
+        solver,
+        free_f,
+        free_f,
+        phi0,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+    )
+    mask = _output_mask(loss, phi_free, args)
+    sys = _System(f, loss, theta, args, mask)
+    z0 = controller.init(sys, phi_free)
+    imex_map = None
+    if isinstance(solver, IMEX):
+        imex = solver
+        loss_step = lambda phi, v, c: imex.loss_step(sys.grad_loss, phi, v, c)
+        imex_map = lambda z: controller.imex_step(
+            sys, z, imex.step_size, imex.output_gain, loss_step
+        )
+    z, result, steps = solve(
+        solver,
+        lambda z: controller.velocity(sys, z),
+        lambda z: controller.residual(sys, z),
+        z0,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        imex_map=imex_map,
+    )
+    phi, psi, u = controller.unpack(sys, z)
+    result = RESULTS.where(
+        result == RESULTS.control_max_steps_reached,
+        RESULTS.least_control_max_steps_reached,
+        result,
+    )
+    result = RESULTS.where(
+        free_result == RESULTS.successful,
+        result,
+        RESULTS.free_equilibrium_failed,
+    )
+    if throw:
+        used = "optx.Newton (default)" if solver is None else solver_name(solver)
+        control_diverged = (
+            f"`least_control_grad`: the controlled dynamics of "
+            f"{type(controller).__name__} diverged under the solver {used} "
+            "(non-finite state or control). The free dynamics are unstable or the "
+            f"control is too strong for this solver: {divergence_fix(solver)}."
+        )
+        free_diverged = (
+            "`least_control_grad`: the free dynamics f diverged under the solver "
+            f"{used} before any control was applied (non-finite state). f is unstable "
+            "at this theta (its equilibrium repels) or the solver is: "
+            f"{divergence_fix(solver)}."
+        )
+        # One check with a message per failure (a check costs a callback branch
+        # per call under vmap): the two divergences, else the result's own message.
+        index = jnp.where(
+            result == RESULTS.control_divergence,
+            0,
+            jnp.where(free_result == RESULTS.control_divergence, 1, 2 + result._value),
+        )
+        psi = eqx.branched_error_if(
+            psi,
+            result != RESULTS.successful,
+            index,
+            [control_diverged, free_diverged] + list(RESULTS._index_to_message),  # pyright: ignore
+        )
+    leaves = jtu.tree_leaves(psi)
+    control = 0.5 * sum(jnp.sum(jnp.square(x)) for x in leaves)
+    return LeastControlInfo(
+        phi=phi,
+        psi=psi,
+        u=u,
+        control=jnp.asarray(control),
+        phi_free=phi_free,
+        loss_free=loss(phi_free, args),
+        loss_controlled=loss(phi, args),
+        num_steps=steps,
+        num_steps_free=free_steps,
+        result=result,
+    )
+
+
 _DEFAULT_CONTROLLER = DynamicInversion(alpha=0.1)
 
 
@@ -157,6 +266,9 @@ def least_control_grad(
           of the controller's dynamics, optionally accelerated (e.g.
           `lcp.AndersonAcceleration`); a bare optimistix fixed-point solver means
           `DiscreteTime(step_size=1.0, solver=...)`.
+        - [`lcp_solvers.IMEX`][]`(step_size)`: Euler iteration with the loss term
+          implicit; converges at about the rate of recurrent backprop whatever
+          `alpha` (DI and EBD only). The fastest choice for large states.
         - [`lcp_solvers.ContinuousTime`][]`(...)`: the controller's ODE with diffrax
           until a steady-state event.
     - `rtol`, `atol`: tolerances of both solves (ignored by a `solver` that carries
@@ -171,98 +283,137 @@ def least_control_grad(
 
     `(grad, info)`: `grad` as above, `info` a [`lcp_solvers.LeastControlInfo`][].
     """
-    check_solver(solver)
-    if not isinstance(controller, AbstractController):
-        raise ValueError(
-            "`least_control_grad(controller=...)` must be an `lcp.AbstractController` "
-            "such as `lcp.DynamicInversion(alpha=0.1)`, got "
-            f"{type(controller).__name__}."
-        )
-    _check_structures(f, loss, theta, phi0, args, controller)
-    phi0 = jtu.tree_map(jnp.asarray, phi0)
-    leaves = [x for x in jtu.tree_leaves(phi0) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    double = bool(leaves) and all(jnp.finfo(x.dtype).bits >= 64 for x in leaves)
-    default_tol = 1e-8 if double else 1e-5
-    rtol = default_tol if rtol is None else rtol
-    atol = default_tol if atol is None else atol
+    _check_arguments(
+        f, loss, theta, phi0, args, controller, solver, "least_control_grad"
+    )
+    info = _controlled_equilibrium(
+        f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps, throw
+    )
     diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
-
-    def f_diff(phi, d, a):
-        return f(phi, eqx.combine(d, static_theta), a)
-
-    free_f = lambda phi: f(phi, theta, args)
-    phi_free, free_result, free_steps = solve(
-        solver,
-        free_f,
-        free_f,
-        phi0,
-        rtol=rtol,
-        atol=atol,
-        max_steps=max_steps,
+    _, vjp = jax.vjp(
+        lambda d: f(info.phi, eqx.combine(d, static_theta), args), diff_theta
     )
-    mask = _output_mask(loss, phi_free, args)
-    sys = _System(f, loss, theta, args, mask)
-    z0 = controller.init(sys, phi_free)
-    z, result, steps = solve(
-        solver,
-        lambda z: controller.velocity(sys, z),
-        lambda z: controller.residual(sys, z),
-        z0,
-        rtol=rtol,
-        atol=atol,
-        max_steps=max_steps,
-    )
-    phi, psi, u = controller.unpack(sys, z)
-    result = RESULTS.where(
-        result == RESULTS.control_max_steps_reached,
-        RESULTS.least_control_max_steps_reached,
-        result,
-    )
-    result = RESULTS.where(
-        free_result == RESULTS.successful,
-        result,
-        RESULTS.free_equilibrium_failed,
-    )
-    if throw:
-        used = "optx.Newton (default)" if solver is None else solver_name(solver)
-        psi = eqx.error_if(
-            psi,
-            result == RESULTS.control_divergence,
-            f"`least_control_grad`: the controlled dynamics of "
-            f"{type(controller).__name__} diverged under the solver {used} "
-            "(non-finite state or control). The free dynamics are unstable or the "
-            f"control is too strong for this solver: {divergence_fix(solver)}.",
-        )
-        free_diverged = free_result == RESULTS.control_divergence
-        psi = eqx.error_if(
-            psi,
-            free_diverged,
-            "`least_control_grad`: the free dynamics f diverged under the solver "
-            f"{used} before any control was applied (non-finite state). f is unstable "
-            "at this theta (its equilibrium repels) or the solver is: "
-            f"{divergence_fix(solver)}.",
-        )
-        psi = result.error_if(
-            psi,
-            (result != RESULTS.successful)
-            & (result != RESULTS.control_divergence)
-            & ~free_diverged,
-        )
-    _, vjp = jax.vjp(lambda d: f_diff(phi, d, args), diff_theta)
-    (grad,) = vjp(jtu.tree_map(jnp.negative, psi))
+    (grad,) = vjp(jtu.tree_map(jnp.negative, info.psi))
     grad = eqx.combine(grad, jtu.tree_map(lambda _: None, static_theta))
-    leaves = jtu.tree_leaves(psi)
-    control = 0.5 * sum(jnp.sum(jnp.square(x)) for x in leaves)
-    info = LeastControlInfo(
-        phi=phi,
-        psi=psi,
-        u=u,
-        control=jnp.asarray(control),
-        phi_free=phi_free,
-        loss_free=loss(phi_free, args),
-        loss_controlled=loss(phi, args),
-        num_steps=steps,
-        num_steps_free=free_steps,
-        result=result,
-    )
     return grad, info
+
+
+class _Config(eqx.Module):
+    # Everything but the differentiable inputs, passed positionally so that
+    # `filter_custom_jvp` sees it (its tangent is ignored).
+    f: Callable = eqx.field(static=True)
+    loss: Callable = eqx.field(static=True)
+    controller: AbstractController
+    solver: Any
+    rtol: float | None = eqx.field(static=True)
+    atol: float | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+
+
+@eqx.filter_custom_jvp
+def _objective(theta, phi0, args, config):
+    info = _controlled_equilibrium(
+        config.f, config.loss, theta, phi0, args, config.controller, config.solver,
+        config.rtol, config.atol, config.max_steps, config.throw,
+    )  # fmt: skip
+    value = info.control + config.controller.loss_weight() * info.loss_controlled
+    return value, info
+
+
+def _has_tangent(tangent):
+    return any(t is not None for t in jtu.tree_leaves(tangent, is_leaf=is_none))
+
+
+@_objective.def_jvp
+def _objective_jvp(primals, tangents):
+    theta, phi0, args, config = primals
+    t_theta, t_phi0, t_args, _ = tangents
+    if _has_tangent(t_phi0) or _has_tangent(t_args):
+        raise ValueError(
+            "`least_control_objective` is differentiable in `theta` only, not in "
+            "`phi0` or `args`. Put everything you train (e.g. an input encoder's "
+            "parameters) into `theta` and let `f` use it."
+        )
+    value, info = _objective(theta, phi0, args, config)
+    diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
+    t_diff = jtu.tree_map(
+        lambda d, t: jnp.zeros_like(d) if t is None else t,
+        diff_theta,
+        eqx.filter(t_theta, eqx.is_inexact_array, is_leaf=is_none),
+        is_leaf=is_none,
+    )
+
+    def work(d):
+        # -⟨ψ⋆, f(φ⋆, θ)⟩ at the fixed controlled equilibrium: its derivative in θ
+        # is the update -(∂θ f)ᵀψ⋆. Taken as a JVP, reverse mode transposes it after
+        # any `vmap`, so a batch-mean update is one product, not a mean of
+        # per-sample weight gradients.
+        velocity = config.f(info.phi, eqx.combine(d, static_theta), args)
+        products = jtu.tree_map(lambda p, v: -jnp.sum(p * v), info.psi, velocity)
+        return sum(jtu.tree_leaves(products), jnp.zeros((), value.dtype))
+
+    _, t_value = jax.jvp(work, (diff_theta,), (t_diff,))
+    t_info = jax.custom_derivatives.zero_from_primal(  # pyright: ignore
+        info, symbolic_zeros=True
+    )
+    return (value, info), (t_value.astype(value.dtype), t_info)
+
+
+@eqx.filter_jit
+def least_control_objective(
+    f: Callable[[PyTree[Array], PyTree, PyTree], PyTree[Array]],
+    loss: Callable[[PyTree[Array], PyTree], Scalar],
+    theta: PyTree,
+    phi0: PyTree[Array],
+    args: PyTree = None,
+    *,
+    controller: AbstractController = _DEFAULT_CONTROLLER,
+    solver: InnerSolver | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 256,
+    throw: bool = True,
+) -> tuple[Scalar, LeastControlInfo]:
+    r"""The least-control objective as a differentiable function of `theta`, so that
+    `jax.grad` gives the least-control update.
+
+    Runs the same solves as [`lcp_solvers.least_control_grad`][] and returns
+
+    $$\mathcal{L}(θ) = ½‖ψ⋆‖² + w\,L(φ⋆),$$
+
+    with `w = 0` for perfect control (`alpha = 0`: this is `H`), `1/α` for a leaky
+    output controller and `β` for [`lcp_solvers.EnergyBased`][]: the minimum of
+    `½‖f‖² + w L` that the controlled equilibrium attains. Its derivative in `theta`
+    (a custom JVP) is the least-control update `-(∂_θ f(φ⋆, θ))^\top ψ⋆`, the same
+    value `least_control_grad` returns; by Theorem 1 it is the exact gradient of
+    this objective for [`lcp_solvers.DynamicInversion`][] and
+    [`lcp_solvers.EnergyBased`][] (and for [`lcp_solvers.LinearFeedback`][] with an
+    optimal `Q`); with other feedback (Kolen–Pollack before alignment, a non-optimal
+    `Q`) it is that controller's update. The solves are not differentiated through.
+
+    Use it to train on a batch without forming per-sample weight gradients: `vmap`
+    inside the `grad`,
+
+    ```python
+    def batch_objective(theta, x, y):
+        objective = lambda xi, yi: lcp.least_control_objective(
+            f, loss, theta, phi0, (xi, yi))[0]
+        return jnp.mean(jax.vmap(objective)(x, y))
+
+    update = jax.grad(batch_objective)(theta, x, y)
+    ```
+
+    The arguments are those of [`lcp_solvers.least_control_grad`][]. Only `theta`
+    may be differentiated; differentiating `phi0` or `args` raises a `ValueError`.
+
+    **Returns:**
+
+    `(objective, info)`: the scalar objective and a
+    [`lcp_solvers.LeastControlInfo`][].
+    """
+    _check_arguments(
+        f, loss, theta, phi0, args, controller, solver, "least_control_objective"
+    )
+    config = _Config(f, loss, controller, solver, rtol, atol, max_steps, throw)
+    return _objective(theta, phi0, args, config)

@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import optimistix as optx
 import pytest
@@ -135,6 +136,9 @@ _solvers = {  # solver, its tolerances, the accuracy expected of the update
     "diffrax": (lcp.ContinuousTime(), 1e-7, 1e-5),
     # Any diffrax solver works; an explicit one compiles faster (no Jacobians).
     "diffrax-tsit5": (lcp.ContinuousTime(diffrax.Tsit5()), 1e-7, 1e-5),
+    "imex": (lcp.IMEX(), 1e-10, 1e-7),
+    # An exact Newton step for the implicit loss term instead of truncated CG.
+    "imex-cg": (lcp.IMEX(linear_solver=lx.CG(rtol=1e-12, atol=1e-12)), 1e-10, 1e-7),
 }
 
 
@@ -151,6 +155,10 @@ _cases = [
     ("euler", 1.0, ("DI", "DI-proportional", "EBD", "LF")),
     ("diffrax", 0.0, ("DI",)),
     ("diffrax-tsit5", 0.1, ("DI-proportional", "EBD", "LF")),
+    ("imex", 0.0, ("DI",)),
+    ("imex", 0.01, ("DI", "DI-proportional", "EBD")),
+    ("imex", 0.1, ("DI", "DI-proportional", "EBD")),
+    ("imex-cg", 1.0, ("DI", "DI-proportional", "EBD")),
 ]
 
 
@@ -252,6 +260,72 @@ def test_feedback_hook():
     # Its steady state satisfies the KP adjoint equation, not the autodiff one.
     resid = kp(info.phi, _theta0, _args0, info.psi) + info.u
     assert float(jnp.max(jnp.abs(resid))) < 1e-8
+
+
+def _cross_entropy(phi, args):
+    return -jax.nn.log_softmax(phi[-M:])[1] + 0.1 * jnp.sum(phi[-M:] ** 4)
+
+
+@pytest.mark.parametrize("cg_steps", [1, 2])
+def test_imex_nonquadratic_loss(cg_steps):
+    """With a loss whose Hessian varies, one truncated-CG step per iteration is only
+    an approximate Newton step on the implicit loss term, but the fixed point (the
+    update) is still exact."""
+    for controller in [
+        lcp.DynamicInversion(alpha=0.05),
+        lcp.DynamicInversion(alpha=0.05, proportional=True),
+        lcp.EnergyBased(beta=20.0),
+    ]:
+        ref, _ = lcp.least_control_grad(
+            _f, _cross_entropy, _theta0, jnp.zeros(N), _args0, controller=controller,
+            rtol=1e-12, atol=1e-12,
+        )  # fmt: skip
+        grad, info = lcp.least_control_grad(
+            _f, _cross_entropy, _theta0, jnp.zeros(N), _args0, controller=controller,
+            solver=lcp.IMEX(cg_steps=cg_steps), rtol=1e-11, atol=1e-11,
+            max_steps=1024,
+        )  # fmt: skip
+        assert info.result == lcp.RESULTS.successful
+        assert tree_rel_error(grad, ref) <= 1e-8
+
+
+def test_imex_feedback_hook_and_unsupported():
+    s = contraction_weights(jax.random.key(7), N)
+
+    def kp(phi, theta, args, psi):
+        return -psi + (1 - jnp.tanh(phi) ** 2) * (s @ psi)
+
+    controller = lcp.DynamicInversion(alpha=0.1, feedback=kp)
+    ref, _ = lcp.least_control_grad(
+        _f, _loss, _theta0, jnp.zeros(N), _args0, controller=controller
+    )
+    grad, info = lcp.least_control_grad(
+        _f, _loss, _theta0, jnp.zeros(N), _args0, controller=controller,
+        solver=lcp.IMEX(),
+    )  # fmt: skip
+    assert info.result == lcp.RESULTS.successful
+    assert_tree_close(grad, ref, 1e-7)
+    lf = lcp.LinearFeedback(jnp.zeros((N, M)), 0.1, lambda p: p[-M:])
+    with pytest.raises(
+        ValueError, match=r"`lcp.IMEX` does not support the controller "
+    ):
+        lcp.least_control_grad(
+            _f, _loss, _theta0, jnp.zeros(N), _args0, controller=lf, solver=lcp.IMEX()
+        )
+
+
+def test_imex_divergence():
+    # The Euler map φ + h·f(φ) contracts at step 1 but not at step 3, where the
+    # iteration blows up: the error names the solver and says to lower its step.
+    kwargs = dict(controller=lcp.EnergyBased(beta=10.0), solver=lcp.IMEX(3.0))
+    with pytest.raises(
+        Exception, match=r"diverged under the solver IMEX\(step_size=3.0\).*lower "
+    ):
+        lcp.least_control_grad(_f, _loss, _theta0, jnp.zeros(N), _args0, **kwargs)
+    _, info = lcp.least_control_grad(
+        _f, _loss, _theta0, jnp.zeros(N), _args0, throw=False, **kwargs
+    )
+    assert info.result == lcp.RESULTS.free_equilibrium_failed
 
 
 def test_readout():
