@@ -111,6 +111,14 @@ class AbstractController(eqx.Module):
         [`lcp_solvers.EnergyBased`][]."""
         return jnp.asarray(0.0)
 
+    def imex_state(self, sys: _System, state: PyTree[Array]) -> PyTree[Array]:
+        """The part of the extended state that `lcp.IMEX` iterates (default: all)."""
+        return state
+
+    def imex_full(self, sys: _System, state: PyTree[Array]) -> PyTree[Array]:
+        """The extended state back from `imex_state`'s part, at a steady state."""
+        return state
+
     def imex_step(
         self,
         sys: _System,
@@ -198,6 +206,24 @@ class DynamicInversion(AbstractController):
         u_dot = _u_velocity(sys, phi, u, self.alpha)
         return _add(f_phi, psi), _add(jt, u), u_dot
 
+    # With alpha > 0 the steady state has u = -∇L/α, a function of the state, whether
+    # the controller is proportional or integral: IMEX then iterates (φ, ψ) only
+    # (fewer operations per step) and recovers u at the end. It keeps the integral u
+    # for alpha = 0, or an alpha only known at run time.
+    def _imex_eliminates_u(self):
+        static_positive = isinstance(self.alpha, (int, float)) and self.alpha > 0
+        return self.proportional or static_positive
+
+    def imex_state(self, sys, state):
+        return state[:2] if self._imex_eliminates_u() else state
+
+    def imex_full(self, sys, state):
+        if not self._imex_eliminates_u():
+            return state
+        phi, psi = state
+        g = sys.grad_loss(phi)
+        return phi, psi, jtu.tree_map(lambda gi, m: -m * gi / self.alpha, g, sys.mask)
+
     def imex_step(self, sys, state, step_size, output_gain, loss_step):
         # The Euler step of (φ, ψ, u) with u (hence ∇L) at the new state:
         #   ψ' = ψ + h(Jᵀψ + u'),  φ' = φ + h(f + ψ'),  u' from ∇L(φ'),
@@ -207,30 +233,28 @@ class DynamicInversion(AbstractController):
         # leaves that steady state unchanged.
         h = step_size
         hu = step_size * output_gain
-        phi, psi, u = state
+        phi, psi, *rest = state
         f_phi, jt = self._jt_psi(sys, phi, psi)
         a = jtu.tree_map(lambda p, fp: p + h * fp, phi, f_phi)
         b = jtu.tree_map(lambda s, j: s + h * j, psi, jt)
-        if self.proportional:
-            # u' = -∇L(φ')/α on the outputs.
-            k = 1.0
-            c = h * h / self.alpha
-            u_explicit = jtu.tree_map(jnp.zeros_like, u)
-        else:
-            # u' = (u - hu∇L(φ'))/(1 + huα) on the outputs; off them u relaxes to 0.
-            k = 1 / (1 + hu * self.alpha)
-            c = h * h * hu * k
-            u_explicit = jtu.tree_map(
-                lambda ui, m: m * k * ui + (1 - m) * ui / (1 + hu), u, sys.mask
-            )
+        if self._imex_eliminates_u():
+            # u' = -∇L(φ')/α on the outputs, implicit in the loss step below.
+            v = jtu.tree_map(lambda ai, bi: ai + h * bi, a, b)
+            phi_new = loss_step(phi, v, h * h / self.alpha)
+            psi_new = jtu.tree_map(lambda z, ai: (z - ai) / h, phi_new, a)
+            return phi_new, psi_new
+        # u' = (u - hu∇L(φ'))/(1 + huα) on the outputs; off them u relaxes to 0.
+        (u,) = rest
+        k = 1 / (1 + hu * self.alpha)
+        u_explicit = jtu.tree_map(
+            lambda ui, m: m * k * ui + (1 - m) * ui / (1 + hu), u, sys.mask
+        )
         v = jtu.tree_map(lambda ai, bi, ue: ai + h * bi + h * h * ue, a, b, u_explicit)
-        phi_new = loss_step(phi, v, c)
+        phi_new = loss_step(phi, v, h * h * hu * k)
         psi_new = jtu.tree_map(lambda z, ai: (z - ai) / h, phi_new, a)
         g = sys.grad_loss(phi_new)
-        # Proportional: u' = -∇L/α; integral: u' = u_explicit - huk∇L (outputs).
-        gain = 1 / self.alpha if self.proportional else hu * k
         u_new = jtu.tree_map(
-            lambda ue, gi, m: ue - m * gain * gi, u_explicit, g, sys.mask
+            lambda ue, gi, m: ue - m * hu * k * gi, u_explicit, g, sys.mask
         )
         return phi_new, psi_new, u_new
 

@@ -118,9 +118,10 @@ class IMEX(eqx.Module):
     - `solver`: an `optx.AbstractFixedPointSolver` for the iteration; `None` is
         `optx.FixedPointIteration` with the `rtol`/`atol` of `least_control_grad`
         (acceleration rarely pays here: the iteration already contracts fast).
-    - `linear_solver`: `None` (default) applies `M` as `cg_steps` unrolled
-        conjugate-gradient steps (exact for a quadratic loss on the outputs with
-        `cg_steps >= 2`); or any lineax solver, e.g. `lx.CG(rtol, atol)` for an exact
+    - `linear_solver`: `None` (default) applies `M` on the output components as
+        `cg_steps` unrolled conjugate-gradient steps (exact for a loss whose Hessian
+        has `cg_steps` distinct eigenvalues on the outputs, e.g. one for a squared
+        error); or any lineax solver, e.g. `lx.CG(rtol, atol)` for an exact
         Newton step. `I + c∇²L` must be positive definite for CG: true for any convex
         loss; otherwise pass `lx.GMRES(...)`.
     - `cg_steps`: the number of conjugate-gradient steps when `linear_solver=None`.
@@ -129,13 +130,15 @@ class IMEX(eqx.Module):
         during the iteration (`u̇` times `output_gain`). Any positive gain has the
         same steady state, hence the same update; the default 10 needs about as
         many steps as proportional control (at `gain = 1`, about 1.5x as many on the
-        benchmark RNN).
+        benchmark RNN). It matters only for `alpha = 0` or an `alpha` passed as an
+        array: for a Python `alpha > 0` the steady state has `u = -∇L/α`, and the
+        iteration eliminates `u` (proportional or integral alike).
     """
 
     step_size: float = 1.0
     solver: optx.AbstractFixedPointSolver | None = None
     linear_solver: lx.AbstractLinearSolver | None = None
-    cg_steps: int = eqx.field(static=True, default=2)
+    cg_steps: int = eqx.field(static=True, default=1)
     output_gain: float = 10.0
 
     def __check_init__(self):
@@ -152,13 +155,16 @@ class IMEX(eqx.Module):
                 f"`IMEX(cg_steps=...)` must be at least 1, got {self.cg_steps}."
             )
 
-    def loss_step(self, grad_loss, phi, v, c):
-        """`z` with `z = v - c ∇L(z)`, by one Newton step from `phi`."""
+    def loss_step(self, grad_loss, mask, phi, v, c):
+        """`z` with `z = v - c ∇L(z)`, by one Newton step from `phi`. `mask` is 1
+        on the components the loss depends on: elsewhere `∇²L` vanishes and the step
+        is exact without any linear solve."""
         g, hvp = jax.linearize(grad_loss, phi)
         residual = jtu.tree_map(lambda p, vi, gi: p - vi + c * gi, phi, v, g)
+        outputs = jtu.tree_map(jnp.multiply, mask, residual)
         matvec = lambda d: jtu.tree_map(lambda di, hi: di + c * hi, d, hvp(d))
         if self.linear_solver is None:
-            delta = _truncated_cg(matvec, residual, self.cg_steps)
+            delta = _truncated_cg(matvec, outputs, self.cg_steps)
         else:
             operator = lx.FunctionLinearOperator(
                 matvec,
@@ -166,9 +172,11 @@ class IMEX(eqx.Module):
                 tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
             )
             delta = lx.linear_solve(
-                operator, residual, self.linear_solver, throw=False
+                operator, outputs, self.linear_solver, throw=False
             ).value
-        return jtu.tree_map(jnp.subtract, phi, delta)
+        return jtu.tree_map(
+            lambda p, r, o, d: p - (r - o) - d, phi, residual, outputs, delta
+        )
 
 
 InnerSolver = (
@@ -258,8 +266,9 @@ def solve(
 ) -> tuple[PyTree[Array], RESULTS, Array]:
     """Find the steady state of `velocity` from `z0`; returns `(z, result, steps)`.
 
-    `imex_map` is the IMEX step of the controlled dynamics, used by `lcp.IMEX`; for
-    `None` (the free solve) `lcp.IMEX` iterates the explicit Euler map.
+    `imex_map` is the IMEX step of the controlled dynamics, used by `lcp.IMEX` (which
+    then ignores `velocity` and `residual`); for `None` (the free solve) `lcp.IMEX`
+    iterates the explicit Euler map of `velocity`.
     `result` is `successful`, `control_max_steps_reached` or `control_divergence`.
     """
     if solver is None:

@@ -140,23 +140,33 @@ def _controlled_equilibrium(
     mask = _output_mask(loss, phi_free, args)
     sys = _System(f, loss, theta, args, mask)
     z0 = controller.init(sys, phi_free)
-    imex_map = None
     if isinstance(solver, IMEX):
         imex = solver
-        loss_step = lambda phi, v, c: imex.loss_step(sys.grad_loss, phi, v, c)
+        loss_step = lambda phi, v, c: imex.loss_step(sys.grad_loss, sys.mask, phi, v, c)
         imex_map = lambda z: controller.imex_step(
             sys, z, imex.step_size, imex.output_gain, loss_step
         )
-    z, result, steps = solve(
-        solver,
-        lambda z: controller.velocity(sys, z),
-        lambda z: controller.residual(sys, z),
-        z0,
-        rtol=rtol,
-        atol=atol,
-        max_steps=max_steps,
-        imex_map=imex_map,
-    )
+        z, result, steps = solve(
+            solver,
+            imex_map,  # unused: IMEX iterates imex_map
+            imex_map,
+            controller.imex_state(sys, z0),
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            imex_map=imex_map,
+        )
+        z = controller.imex_full(sys, z)
+    else:
+        z, result, steps = solve(
+            solver,
+            lambda z: controller.velocity(sys, z),
+            lambda z: controller.residual(sys, z),
+            z0,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+        )
     phi, psi, u = controller.unpack(sys, z)
     result = RESULTS.where(
         result == RESULTS.control_max_steps_reached,
