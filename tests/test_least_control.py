@@ -99,6 +99,53 @@ def test_theorem1_against_scipy(alpha):
         assert jnp.all(info.u[: N - M] == 0)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_objective_value_and_derivative(alpha):
+    """`least_control_objective`: its value is H (alpha = 0) or min ½‖f‖² + L/α,
+    solved independently with scipy, and `jax.grad` of it is the finite-difference
+    gradient of that value."""
+    controller = lcp.DynamicInversion(alpha=alpha)
+
+    def objective(theta):
+        return lcp.least_control_objective(
+            _f, _loss, theta, jnp.zeros(N), _args0, controller=controller
+        )
+
+    (value, info), grad = jax.value_and_grad(objective, has_aux=True)(_theta0)
+    assert info.result == lcp.RESULTS.successful
+    expected = _h_reference(_flat0, alpha)
+    assert abs(float(value) - expected) <= 1e-8 * max(1.0, abs(expected))
+    ref = central_difference(lambda t: _h_reference(t, alpha), _flat0, eps=1e-5)
+    assert_tree_close(jfu.ravel_pytree(grad)[0], jnp.asarray(ref), 1e-4)
+
+
+def test_objective_batch_and_errors():
+    xs = 0.5 * jax.random.normal(jax.random.key(3), (6, N))
+
+    def batch_objective(theta):
+        def one(x):
+            args = dict(_args0, x=x)
+            return lcp.least_control_objective(
+                _f, _loss, theta, jnp.zeros(N), args, solver=lcp.IMEX()
+            )[0]
+
+        return jnp.mean(jax.vmap(one)(xs))
+
+    grad = jax.jit(jax.grad(batch_objective))(_theta0)
+    grads, _ = jax.vmap(
+        lambda x: lcp.least_control_grad(
+            _f, _loss, _theta0, jnp.zeros(N), dict(_args0, x=x), solver=lcp.IMEX()
+        )
+    )(xs)
+    assert_tree_close(grad, jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), 1e-10)
+    with pytest.raises(ValueError, match=r"differentiable in `theta` only"):
+        jax.grad(
+            lambda a: lcp.least_control_objective(_f, _loss, _theta0, jnp.zeros(N), a)[
+                0
+            ]
+        )(_args0)
+
+
 def _optimal_q(alpha):
     """Q = -(∂f)^{-T} Pᵀ at the DI controlled equilibrium: Theorem 2's condition."""
     _, info = lcp.least_control_grad(
