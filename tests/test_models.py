@@ -199,6 +199,22 @@ def test_training_with_optax_learns():
         assert trained.W.dtype == jnp.float32
         assert hist["train_loss"][-1] < hist["train_loss"][0]
         assert hist["test_accuracy"][-1] > 0.8, hist
+    # The spectral-norm limit holds after training, for W and KP's S_W alike; at
+    # this learning rate the unconstrained W grows past it.
+    kp_model = EquilibriumNetwork(
+        6, 3, 8, "rnn", key=jax.random.key(0), feedback=True, dtype=jnp.float32
+    )
+    for rule, limit in ((LeastControl(variant="kp"), 0.3), (RecurrentBackprop(), None)):
+        trained, _ = train_classifier(
+            kp_model, rule, ds, epochs=2, batch_size=16, learning_rate=3e-2,
+            key=jax.random.key(1), max_recurrent_norm=limit,
+        )  # fmt: skip
+        norm = float(jnp.linalg.norm(trained.W, ord=2))
+        if limit is None:
+            assert norm > 0.3
+        else:
+            assert norm <= limit * (1 + 1e-5)
+            assert float(jnp.linalg.norm(trained.S_W, ord=2)) <= limit * (1 + 1e-5)
 
 
 def test_meta_gradients_against_independent_formulas():

@@ -98,7 +98,12 @@ class EquilibriumNetwork(eqx.Module):
         self.R = jax.random.normal(kr, (out_size, n), dtype) / np.sqrt(fan_r) * m_r
         self.c = jnp.zeros((out_size,), dtype)
         if feedback:
-            self.S_W = jax.random.normal(ks1, (n, n), dtype) / np.sqrt(fan_w).T * m_w.T
+            s_w = jax.random.normal(ks1, (n, n), dtype) / np.sqrt(fan_w).T
+            if architecture == "rnn":
+                # S_W drives the feedback (adjoint-like) dynamics as W drives the
+                # free ones: the same scale keeps both contracting.
+                s_w = recurrent_scale * s_w
+            self.S_W = s_w * m_w.T
             s_r = jax.random.normal(ks2, (n, out_size), dtype) / np.sqrt(fan_r).T
             self.S_R = s_r * m_r.T
         else:
