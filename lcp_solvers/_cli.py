@@ -180,10 +180,10 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     meta.add_argument("--seeds", type=_positive_int, default=3)
-    meta.add_argument("--meta-steps", type=_positive_int, default=500)
+    meta.add_argument("--meta-steps", type=_positive_int, default=2000)
     meta.add_argument("--meta-batch", type=_positive_int, default=5)
     meta.add_argument("--width", type=_positive_int, default=10, help="MLP width")
-    meta.add_argument("--lam", type=_positive_float, default=1.0, help="synapse λ")
+    meta.add_argument("--lam", type=_positive_float, default=0.3, help="synapse λ")
     meta.add_argument(
         "--alpha", type=_positive_float, default=1.0, help="LCP controller leak"
     )
@@ -461,13 +461,17 @@ def _meta(args):
         f"10-shot sinusoid regression, MLP width {args.width}, lambda {args.lam}, "
         f"{args.meta_steps} meta-steps x {args.meta_batch} tasks, {args.seeds} seed(s)",
         "",
-        "| method | post-adaptation test MSE | s / meta-step | solve steps |",
-        "|---|---|---|---|",
+        "| method | post-adaptation test MSE | s / meta-step | solves converged "
+        "| solve steps |",
+        "|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        solves = "— | —"
+        if name == META_METHOD_NAMES["lcp"]:
+            solves = f"{100 * r['solve_success']:.1f}% | {r['solve_steps']:.1f}"
         lines.append(
             f"| {name} | {r['test_mse']:.3f} ± {r['test_mse_std']:.3f} | "
-            f"{r['seconds_per_step']:.3f} | {r['solve_steps']:.1f} |"
+            f"{r['seconds_per_step']:.3f} | {solves} |"
         )
     print("\n".join(lines), flush=True)
     if args.plot:

@@ -262,6 +262,31 @@ def test_meta_gradients_against_independent_formulas():
         meta_gradient("maml", learner, omega, task0)  # pyright: ignore
 
 
+def test_meta_lcp_solves_converge_and_weak_control_limit():
+    # At λ = 1 the inner problem is barely convex and the query loss is not: the
+    # controlled solve from (φ*, 0) (Newton, or Anderson-accelerated Euler) often
+    # fails here. Warm-started at a minimiser of the nudged energy it converges.
+    omega, unravel = init_mlp(jax.random.key(0), width=10)
+    lam = 1.0
+    learner = ComplexSynapseLearner(unravel, lam=lam)
+    tasks = sample_sinusoid_tasks(jax.random.key(5), 5)
+    _, stats = meta_gradient("lcp", learner, omega, tasks, alpha=1.0)
+    assert stats["ok"] == 1.0
+    assert 1 <= stats["steps"] <= 5
+    # Weak control: linear feedback with Q = I tends to λ/α times FOMAML's update
+    # (the query gradient at φ*), not to the implicit gradient.
+    task0 = jax.tree.map(lambda a: a[:1], tasks)
+    alpha = 1e3
+    got, stats = meta_gradient("lcp", learner, omega, task0, alpha=alpha)
+    assert stats["ok"] == 1.0
+    fomaml, _ = meta_gradient("fomaml", learner, omega, task0)
+    imaml, _ = meta_gradient("imaml", learner, omega, task0)
+    assert_tree_close(got * alpha / lam, fomaml, 1e-2)
+    assert tree_cosine(got, imaml) < 0.9
+    with pytest.raises(ValueError, match="alpha > 0"):
+        meta_gradient("lcp", learner, omega, task0, alpha=0.0)
+
+
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="architecture"):
         EquilibriumNetwork(2, 2, 3, "cnn", key=jax.random.key(0))  # pyright: ignore

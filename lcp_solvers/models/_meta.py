@@ -11,6 +11,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._controller import AbstractController, LinearFeedback
 from .._solution import RESULTS
 
 
@@ -119,16 +120,61 @@ META_METHOD_NAMES = {
 }
 
 
-def _default_meta_solver():
-    from .._anderson import AndersonAcceleration
-    from .._inner_solver import DiscreteTime
+class _WarmStartedFeedback(AbstractController):
+    """`lcp.LinearFeedback(Q=I, alpha)` for the complex synapse, its controlled solve
+    warm-started near its root.
 
-    # Anderson-accelerated Euler steps of the controlled dynamics: only evaluations of
-    # f (no Jacobians), far cheaper here than the dense Newton default.
-    return DiscreteTime(
-        step_size=0.1,
-        solver=AndersonAcceleration(rtol=1e-6, atol=1e-6, history_length=10),
-    )
+    With `Q = I` and `alpha > 0` the steady states of the linear-feedback dynamics
+    `φ̇ = f + u`, `u̇ = -∇L_eval - αu` are the points with `u = -∇L_eval(φ)/α` and
+    `∇E(φ) = 0`, for the energy `E = L_learn + λ/2‖φ - ω‖² + L_eval/α`; they are
+    also the steady states of proportional control (`u` eliminated). The controlled
+    solve therefore starts at a minimiser of `E`, found by the learner's own BFGS from
+    the free equilibrium, with `u = -∇L_eval/α` there; the root finder then solves the
+    linear-feedback steady-state equations themselves (about two Newton steps). From
+    `(φ*, 0)` instead, Newton has no globalisation on this non-convex problem and the
+    Euler/Anderson iteration often does not settle: on some tasks the equilibrium is
+    unstable for the integral controller's dynamics (an eigenvalue of their Jacobian
+    with positive real part), on others they converge very slowly.
+    """
+
+    feedback: LinearFeedback
+    energy: Callable = eqx.field(static=True)
+    rtol: float
+    atol: float
+    max_steps: int = eqx.field(static=True)
+
+    def init(self, sys, phi):
+        alpha = self.feedback.alpha
+        sol = optx.minimise(
+            self.energy,
+            optx.BFGS(rtol=self.rtol, atol=self.atol),
+            phi,
+            args=sys.args,
+            max_steps=self.max_steps,
+            throw=False,
+        )
+        phi_c = sol.value
+        return phi_c, jax.tree.map(lambda g: -g / alpha, sys.grad_loss(phi_c))
+
+    def velocity(self, sys, state):
+        return self.feedback.velocity(sys, state)
+
+    def residual(self, sys, state):
+        return self.feedback.residual(sys, state)
+
+    def unpack(self, sys, state):
+        return self.feedback.unpack(sys, state)
+
+    def loss_weight(self):
+        return self.feedback.loss_weight()
+
+
+def _default_meta_solver(dtype):
+    # Started next to the root, Newton's iteration with the Jacobian of the start
+    # (a dense LU of the (φ, u) system, 2p x 2p) converges in about two steps and
+    # needs one Jacobian instead of one per step.
+    tol = 1e-8 if jnp.finfo(dtype).bits >= 64 else 1e-5
+    return optx.Chord(rtol=tol, atol=tol)
 
 
 def meta_gradient(
@@ -139,14 +185,26 @@ def meta_gradient(
     *,
     alpha: float = 1.0,
     solver=None,
+    max_steps: int = 32,
 ) -> tuple[Float[Array, " p"], dict[str, Array]]:
     r"""The meta-update direction (to be descended) for one batch of tasks.
 
     - `"lcp"`: [`lcp_solvers.least_control_grad`][] on `f(φ, ω)` with linear feedback
-        `Q = I` (optimal here: every unit is an output, Theorem 2), so the controlled
-        dynamics are `φ̇ = f + u`, `u̇ = -∇L_eval(φ) - αu` and the gradient is
-        `-(∂_ω f)ᵀψ = -λu*`: the update `Δω = λu*` needs no Hessian and no second
-        phase. `L_eval` is the query-set MSE.
+        `Q = I`, so the controlled dynamics are `φ̇ = f + u`, `u̇ = -∇L_eval(φ) - αu`
+        and the gradient is `-(∂_ω f)ᵀψ = -λu*`: the update `Δω = λu*` needs no
+        Hessian and no second phase. `L_eval` is the query-set MSE. At the steady
+        state `u* = -∇L_eval(φ_c)/α` with `φ_c` a stationary point of
+        `L_learn + λ/2‖φ - ω‖² + L_eval/α`, so the update is the query gradient at
+        a state nudged towards the query set: for weak control (large `α`) it tends
+        to `λ/α` times FOMAML's, not to the implicit gradient. (That is the limit of
+        [`lcp_solvers.DynamicInversion`][], whose steady state has
+        `-(∂_φ f)ᵀf = ∇L_eval/α` where linear feedback has `f = ∇L_eval/α`; with
+        `-∂_φ f = ∇²L_learn + λI` the two agree only if that is the identity, so
+        `Q = I` is not DI's optimal controller here.) The controlled solve starts at
+        a minimiser of that energy and the root finder `solver` (`None`:
+        `optx.Chord`, Newton's iteration with the Jacobian of the start, to `1e-8`
+        in float64) then solves the linear-feedback steady-state equations (at most
+        `max_steps` steps); `alpha` must be positive.
     - `"imaml"`: the exact implicit meta-gradient `∇_ω L_eval(φ*(ω))` through the
         inner `optx.minimise` with `optx.ImplicitAdjoint` (a Hessian solve).
     - `"fomaml"`: `∇_φ L_eval(φ*)`, the first-order approximation.
@@ -157,7 +215,6 @@ def meta_gradient(
     `(grad, stats)`, `grad` averaged over the tasks (for `"lcp"`, over the tasks whose
     controlled solve succeeded; `stats["ok"]` is that fraction).
     """
-    from .._controller import LinearFeedback
     from .._least_control import least_control_grad
 
     def one(xs, ys, xq, yq):
@@ -179,8 +236,18 @@ def meta_gradient(
                 steps=jnp.array(0.0),
                 ok=jnp.array(1.0),
             )
-        controller = LinearFeedback(
-            Q=jnp.eye(omega.size, dtype=omega.dtype), alpha=alpha
+
+        def energy(p, data):
+            xs, ys, xq, yq = data
+            value = learner.mse(p, xs, ys) + learner.mse(p, xq, yq) / alpha
+            return value + 0.5 * learner.lam * jnp.sum((p - omega) ** 2)
+
+        controller = _WarmStartedFeedback(
+            LinearFeedback(Q=jnp.eye(omega.size, dtype=omega.dtype), alpha=alpha),
+            energy,
+            learner.rtol,
+            learner.atol,
+            learner.max_steps,
         )
         g, info = least_control_grad(
             learner.vector_field,
@@ -189,15 +256,16 @@ def meta_gradient(
             phi,
             (xs, ys, xq, yq),
             controller=controller,
-            solver=_default_meta_solver() if solver is None else solver,
-            rtol=1e-6,
-            atol=1e-6,
-            max_steps=1000,
+            solver=_default_meta_solver(omega.dtype) if solver is None else solver,
+            max_steps=max_steps,
             throw=False,
         )
         ok = (info.result == RESULTS.successful).astype(g.dtype)
+        # The same post-adaptation query MSE (at the learner's φ*) as the others.
         return g, dict(
-            query_mse=info.loss_free, steps=info.num_steps.astype(g.dtype), ok=ok
+            query_mse=learner.mse(phi, xq, yq),
+            steps=info.num_steps.astype(g.dtype),
+            ok=ok,
         )
 
     if method not in META_METHOD_NAMES:
@@ -205,6 +273,8 @@ def meta_gradient(
             f"Unknown meta-learning method {method!r}; choose one of "
             f"{sorted(META_METHOD_NAMES)}."
         )
+    if method == "lcp" and isinstance(alpha, (int, float)) and not alpha > 0:
+        raise ValueError(f"LCP meta-learning needs a leak `alpha > 0`, got {alpha}.")
     data = (tasks.x_support, tasks.y_support, tasks.x_query, tasks.y_query)
     grads, stats = jax.vmap(lambda *d: one(*d))(*data)
     # Tasks whose controlled solve failed return an arbitrary update; leave them out.
