@@ -67,6 +67,13 @@ def _u_velocity(sys, phi, u, alpha):
     )
 
 
+def _proportional_u(sys, phi, alpha):
+    # u = -∇L/α on the outputs: the proportional controller, and any leaky output
+    # controller's steady state.
+    g = sys.grad_loss(phi)
+    return jtu.tree_map(lambda gi, m: -m * gi / alpha, g, sys.mask)
+
+
 def _inverse_or_zero(alpha):
     alpha = jnp.asarray(alpha)
     return jnp.where(alpha > 0, 1 / jnp.where(alpha > 0, alpha, 1), 0.0)
@@ -199,8 +206,7 @@ class DynamicInversion(AbstractController):
         phi, psi, u = state
         f_phi, jt = self._jt_psi(sys, phi, psi)
         if self.proportional:
-            g = sys.grad_loss(phi)
-            u_p = jtu.tree_map(lambda gi, m: -m * gi / self.alpha, g, sys.mask)
+            u_p = _proportional_u(sys, phi, self.alpha)
             u_dot = jtu.tree_map(jnp.subtract, u_p, u)
             return _add(f_phi, psi), _add(jt, u_p), u_dot
         u_dot = _u_velocity(sys, phi, u, self.alpha)
@@ -221,8 +227,7 @@ class DynamicInversion(AbstractController):
         if not self._imex_eliminates_u():
             return state
         phi, psi = state
-        g = sys.grad_loss(phi)
-        return phi, psi, jtu.tree_map(lambda gi, m: -m * gi / self.alpha, g, sys.mask)
+        return phi, psi, _proportional_u(sys, phi, self.alpha)
 
     def imex_step(self, sys, state, step_size, output_gain, loss_step):
         # The Euler step of (φ, ψ, u) with u (hence ∇L) at the new state:

@@ -265,32 +265,20 @@ def solve(
     rtol: float,
     atol: float,
     max_steps: int,
-    imex_map: Callable[[PyTree[Array]], PyTree[Array]] | None = None,
 ) -> tuple[PyTree[Array], RESULTS, Array]:
     """Find the steady state of `velocity` from `z0`; returns `(z, result, steps)`.
 
-    `imex_map` is the IMEX step of the controlled dynamics, used by `lcp.IMEX` (which
-    then ignores `velocity` and `residual`); for `None` (the free solve) `lcp.IMEX`
-    iterates the explicit Euler map of `velocity`.
-    `result` is `successful`, `control_max_steps_reached` or `control_divergence`.
+    `lcp.IMEX` here means its explicit Euler map (the free solve: there is no loss
+    to treat implicitly); its controlled solve is `iterate` on the controller's IMEX
+    step. `result` is `successful`, `control_max_steps_reached` or
+    `control_divergence`.
     """
     if solver is None:
         solver = default_solver(rtol, atol)
     if isinstance(solver, optx.AbstractFixedPointSolver):
         solver = DiscreteTime(step_size=1.0, solver=solver)
     if isinstance(solver, IMEX):
-        if imex_map is None:
-            solver = DiscreteTime(step_size=solver.step_size, solver=solver.solver)
-        else:
-            fp = solver.solver
-            if fp is None:
-                fp = optx.FixedPointIteration(rtol=rtol, atol=atol)
-            sol = optx.fixed_point(
-                lambda z, _: imex_map(z), fp, z0, max_steps=max_steps, throw=False
-            )
-            return _finish(
-                z0, sol.value, RESULTS.promote(sol.result), sol.stats["num_steps"]
-            )
+        solver = DiscreteTime(step_size=solver.step_size, solver=solver.solver)
 
     if isinstance(solver, optx.AbstractRootFinder):
         sol = optx.root_find(
@@ -302,20 +290,13 @@ def solve(
             sol.stats["num_steps"],
         )
     elif isinstance(solver, DiscreteTime):
-        fp = solver.solver
-        if fp is None:
-            fp = optx.FixedPointIteration(rtol=rtol, atol=atol)
         h = solver.step_size
 
-        def euler(z, _):
-            v = velocity(z)
-            return jtu.tree_map(lambda a, b: a + h * b, z, v)
+        def euler(z):
+            return jtu.tree_map(lambda a, b: a + h * b, z, velocity(z))
 
-        sol = optx.fixed_point(euler, fp, z0, max_steps=max_steps, throw=False)
-        z, result, steps = (
-            sol.value,
-            RESULTS.promote(sol.result),
-            sol.stats["num_steps"],
+        return iterate(
+            solver.solver, euler, z0, rtol=rtol, atol=atol, max_steps=max_steps
         )
     else:
         controller = solver.stepsize_controller
@@ -345,6 +326,25 @@ def solve(
         )
         steps = sol.stats["num_steps"]
     return _finish(z0, z, result, steps)
+
+
+def iterate(
+    fp: optx.AbstractFixedPointSolver | None,
+    step: Callable[[PyTree[Array]], PyTree[Array]],
+    z0: PyTree[Array],
+    *,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+) -> tuple[PyTree[Array], RESULTS, Array]:
+    """The fixed point of `step` from `z0` with `fp` (`None`:
+    `optx.FixedPointIteration`); returns `(z, result, steps)` as `solve` does."""
+    if fp is None:
+        fp = optx.FixedPointIteration(rtol=rtol, atol=atol)
+    sol = optx.fixed_point(
+        lambda z, _: step(z), fp, z0, max_steps=max_steps, throw=False
+    )
+    return _finish(z0, sol.value, RESULTS.promote(sol.result), sol.stats["num_steps"])
 
 
 def _finish(z0, z, result, steps):

@@ -20,6 +20,7 @@ from ._inner_solver import (
     divergence_fix,
     IMEX,
     InnerSolver,
+    iterate,
     solve,
     solver_name,
 )
@@ -146,15 +147,13 @@ def _controlled_equilibrium(
         imex_map = lambda z: controller.imex_step(
             sys, z, imex.step_size, imex.output_gain, loss_step
         )
-        z, result, steps = solve(
-            solver,
-            imex_map,  # unused: IMEX iterates imex_map
+        z, result, steps = iterate(
+            solver.solver,
             imex_map,
             controller.imex_state(sys, z0),
             rtol=rtol,
             atol=atol,
             max_steps=max_steps,
-            imex_map=imex_map,
         )
         z = controller.imex_full(sys, z)
     else:
