@@ -129,6 +129,27 @@ def test_weak_control_recovers_the_implicit_gradient():
     assert_tree_close(ebd, grads, 1e-5)
 
 
+@pytest.mark.parametrize("variant", ["di", "ebd"])
+def test_default_tolerance_follows_the_control_strength(variant):
+    # ψ* is O(1/alpha): a fixed solver tolerance would let the update's relative
+    # error grow with alpha (EBD at alpha = 1000 and tolerance 1e-4: about 50%).
+    model = EquilibriumNetwork(6, 3, (7, 7), "ff", key=jax.random.key(6))
+    x, labels = _batch(jax.random.key(7))
+    alpha = 1000.0
+    tight = LeastControl(
+        variant=variant, alpha=alpha, rtol=1e-12, atol=1e-12, max_steps=4000
+    )
+    ref, _, _ = tight(model, None, x, labels, jax.random.key(0))
+    got, _, stats = LeastControl(variant=variant, alpha=alpha)(
+        model, None, x, labels, jax.random.key(0)
+    )
+    assert float(stats["ok"]) == 1.0
+    assert_tree_close(got, ref, 2e-2)
+    assert LeastControl(alpha=1000.0)._tolerances() == (1e-6, 1e-6)
+    assert LeastControl(alpha=0.1)._tolerances() == (1e-4, 1e-4)
+    assert LeastControl(alpha=1000.0, rtol=1e-3)._tolerances() == (1e-3, 1e-6)
+
+
 def test_kp_feedback_with_transposed_weights_is_the_exact_jacobian():
     model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(8), feedback=True)
     tied = eqx.tree_at(lambda m: (m.S_W, m.S_R), model, (model.W.T, model.R.T))

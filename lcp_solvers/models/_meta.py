@@ -279,6 +279,8 @@ def meta_gradient(
     grads, stats = jax.vmap(lambda *d: one(*d))(*data)
     # Tasks whose controlled solve failed return an arbitrary update; leave them out.
     keep = stats["ok"]
+    # `where`, not only the weights: a failed solve may return NaN, and 0 * NaN = NaN.
+    grads = jnp.where(keep[:, None] > 0, grads, 0.0)
     grad = jnp.tensordot(keep, grads, axes=1) / jnp.maximum(jnp.sum(keep), 1.0)
     return grad, {k: jnp.mean(v) for k, v in stats.items()}
 

@@ -155,7 +155,10 @@ class LeastControl(AbstractUpdateRule):
         `least_control_grad`.
     - `step_size`, `history_length`: of those default solvers (`step_size` for
         `"lf"` only).
-    - `rtol`, `atol`, `max_steps`: its tolerances and step budget.
+    - `rtol`, `atol`, `max_steps`: its tolerances and step budget. `None` (default)
+        means `min(1e-4, 1e-3/alpha)`: `ψ*` is of order `1/alpha` (the output error
+        divided by the leak), so a fixed tolerance would make the update's relative
+        error grow with `alpha`.
     - `weight_decay`: `γ` of Kolen–Pollack (applied to `W`, `R`, `S_W`, `S_R`).
     - `q_lr`, `q_decay`, `q_steps`, `q_samples`: learning rate, decay, number of
         Euler–Maruyama steps per batch and number of examples per batch of the
@@ -170,8 +173,8 @@ class LeastControl(AbstractUpdateRule):
     solver: Any = None
     step_size: float = 0.5
     history_length: int = eqx.field(static=True, default=8)
-    rtol: float = 1e-4
-    atol: float = 1e-4
+    rtol: float | None = None
+    atol: float | None = None
     max_steps: int = eqx.field(static=True, default=256)
     weight_decay: float = 1e-4
     q_lr: float = 1e-2
@@ -209,6 +212,14 @@ class LeastControl(AbstractUpdateRule):
         # the feedback loop.
         return jnp.zeros((n + c, c), model.W.dtype)
 
+    def _tolerances(self):
+        alpha = self.alpha
+        known = isinstance(alpha, (int, float)) and alpha > 0
+        default = min(1e-4, 1e-3 / alpha) if known else 1e-4
+        rtol = default if self.rtol is None else self.rtol
+        atol = default if self.atol is None else self.atol
+        return rtol, atol
+
     def _controller(self, static, q):
         from .._controller import DynamicInversion, EnergyBased, LinearFeedback
 
@@ -240,8 +251,9 @@ class LeastControl(AbstractUpdateRule):
             return cross_entropy(phi[1], args[1])
 
         solver = self.solver
+        rtol, atol = self._tolerances()
         anderson = AndersonAcceleration(
-            rtol=self.rtol, atol=self.atol, history_length=self.history_length
+            rtol=rtol, atol=atol, history_length=self.history_length
         )
         if solver is None and self.variant in ("di", "kp"):
             solver = IMEX(solver=anderson)
@@ -259,8 +271,8 @@ class LeastControl(AbstractUpdateRule):
                 (xi, li),
                 controller=controller,
                 solver=solver,
-                rtol=self.rtol,
-                atol=self.atol,
+                rtol=rtol,
+                atol=atol,
                 max_steps=self.max_steps,
                 throw=False,
             )
@@ -272,9 +284,13 @@ class LeastControl(AbstractUpdateRule):
             # those examples out of the batch average rather than follow it.
             keep = ok.astype(x.dtype)
             denom = jnp.maximum(jnp.sum(keep), 1.0)
-            grads = jtu.tree_map(
-                lambda g: jnp.tensordot(keep, g, axes=1) / denom, grads
-            )
+
+            def average(g):
+                # `where` as well as the weights: a diverged solve may return NaN.
+                g = jnp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
+                return jnp.tensordot(keep, g, axes=1) / denom
+
+            grads = jtu.tree_map(average, grads)
         else:
             grads = jtu.tree_map(lambda g: jnp.mean(g, axis=0), grads)
         stats = dict(
