@@ -1,0 +1,144 @@
+"""Diagnostics behind docs/results.md's analysis of the learned-feedback variants.
+
+    python diagnose_feedback.py kp --dataset mnist1d --arch rnn --alpha 100
+    python diagnose_feedback.py lf-oracle --dataset digits --arch ff
+
+`kp`: trains LCP-DI (KP) exactly as `lcp-solvers reproduce table1` does (seed 0) and
+every 5 epochs prints the alignment of the learned feedback weights with the forward
+ones (cosine of `W` with `S_Wᵀ`, `R` with `S_Rᵀ`) and the cosine of the KP update with
+the exact DI update on 256 training examples.
+
+`lf-oracle`: trains LCP-LF with `Q` replaced, before every batch, by an oracle instead
+of the noise-driven rule: `--oracle rule` is the exact fixed point of the noise rule
+on that batch (`Q = -Σ Aᵀ (Σ A Aᵀ)⁻¹` with `A = [0, I](∂_φ f)⁻¹` per example), and
+`--oracle mean` the batch mean of DI's feedback `Aᵀ`. If even these shared matrices
+lag BP/RBP, the gap is the shared `Q`, not how it is learned.
+"""
+
+import argparse
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import numpy as np
+
+from lcp_solvers._data import load_dataset
+from lcp_solvers.models import EquilibriumNetwork, LeastControl, train_classifier
+from lcp_solvers.models._train import _adam, _train_step, evaluate, free_equilibrium
+
+
+def _cos(a, b):
+    a, b = jfu.ravel_pytree(a)[0], jfu.ravel_pytree(b)[0]
+    return round(float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b))), 3)
+
+
+def _model(ds, arch, seed, feedback):
+    key_model, key_train = jax.random.split(jax.random.key(seed))
+    hidden = (64, 64) if arch == "ff" else (64,)
+    model = EquilibriumNetwork(
+        ds.x_train.shape[1],
+        ds.num_classes,
+        hidden,
+        arch,
+        key=key_model,
+        feedback=feedback,
+        dtype=jnp.float32,
+    )
+    return model, key_train
+
+
+def kp(args):
+    ds = load_dataset(args.dataset)
+    model, key = _model(ds, args.arch, 0, feedback=True)
+    rule = LeastControl(variant="kp", alpha=args.alpha)
+    di = eqx.filter_jit(LeastControl(variant="di", alpha=args.alpha))
+    kp_rule = eqx.filter_jit(rule)
+    optim = _adam(1e-3)
+    opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
+    x = jnp.asarray(ds.x_train, jnp.float32)
+    y = jnp.asarray(ds.y_train)
+    n = len(x)
+    key, _ = jax.random.split(key)  # as `train_classifier` (its rule-state key)
+    for epoch in range(args.epochs + 1):
+        if epoch % 5 == 0:
+            g_di, _, _ = di(model, None, x[:256], y[:256], jax.random.key(0))
+            g_kp, _, _ = kp_rule(model, None, x[:256], y[:256], jax.random.key(0))
+            assert model.S_W is not None and model.S_R is not None
+            acc = evaluate(model, ds.x_test, ds.y_test)
+            print(
+                f"epoch {epoch:2d}  test acc {acc:.3f}"
+                f"  cos(W, S_W^T) {_cos(model.W, model.S_W.T)}"
+                f"  cos(R, S_R^T) {_cos(model.R, model.S_R.T)}"
+                f"  cos(update, DI update): W {_cos(g_kp.W, g_di.W)}"
+                f" U {_cos(g_kp.U, g_di.U)} R {_cos(g_kp.R, g_di.R)}",
+                flush=True,
+            )
+        if epoch == args.epochs:
+            break
+        # The same shuffling and steps as `train_classifier`: the table's run.
+        key, perm_key = jax.random.split(key)
+        perm = np.asarray(jax.random.permutation(perm_key, n))
+        for i in range(n // 64):
+            idx = perm[i * 64 : (i + 1) * 64]
+            key, sub = jax.random.split(key)
+            model, opt_state, _, _ = _train_step(
+                model, opt_state, None, x[idx], y[idx], sub, rule, optim, 0.95
+            )
+
+
+class _OracleFeedback(LeastControl):
+    oracle: str = eqx.field(static=True, default="rule")
+
+    def _lf_update(self, model, q, x, key):
+        (h, y), _ = free_equilibrium(model, x)
+        n, c = model.num_hidden, model.num_outputs
+
+        def response(hi, yi, xi):
+            def f(z):
+                return jnp.concatenate(model.vector_field((z[:n], z[n:]), xi))
+
+            jac = jax.jacfwd(f)(jnp.concatenate([hi, yi]))
+            # A = [0, I] J⁻¹, the outputs' response to a push on every unit.
+            return jnp.linalg.solve(jac.T, jnp.eye(n + c)[:, n:]).T
+
+        a = jax.vmap(response)(h, y, x)
+        if self.oracle == "rule":
+            q = -jnp.einsum("sci->ic", a) @ jnp.linalg.inv(
+                jnp.einsum("sci,sdi->cd", a, a)
+            )
+        else:
+            q = jnp.einsum("sci->ic", a) / a.shape[0]
+        # The learned Q's output block is positive (it feeds u back with gain > 0).
+        return q * jnp.sign(jnp.trace(q[n:]))
+
+
+def lf_oracle(args):
+    ds = load_dataset(args.dataset)
+    model, key = _model(ds, args.arch, 0, feedback=False)
+    rule = _OracleFeedback(variant="lf", alpha=args.alpha, oracle=args.oracle)
+    _, history = train_classifier(
+        model, rule, ds, epochs=args.epochs, key=key, max_recurrent_norm=0.95
+    )
+    acc = [round(100 * a, 2) for a in history["test_accuracy"]]
+    print(f"LCP-LF, oracle {args.oracle!r} Q, {args.arch}: test acc. every 5 epochs")
+    print(acc[4::5], "solve_success", history["solve_success"][-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("kp", "lf-oracle"):
+        p = sub.add_parser(name)
+        p.add_argument("--dataset", default="digits")
+        p.add_argument("--arch", choices=("ff", "rnn"), default="ff")
+        p.add_argument("--alpha", type=float, default=10.0)
+        p.add_argument("--epochs", type=int, default=30)
+        if name == "lf-oracle":
+            p.add_argument("--oracle", choices=("rule", "mean"), default="rule")
+    args = parser.parse_args()
+    kp(args) if args.command == "kp" else lf_oracle(args)
+
+
+if __name__ == "__main__":
+    main()
