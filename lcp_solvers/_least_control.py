@@ -282,7 +282,9 @@ def least_control_grad(
           until a steady-state event.
     - `rtol`, `atol`: tolerances of both solves (ignored by a `solver` that carries
         its own). `None` is `1e-8` for a float64 state and `1e-5` for float32 or
-        lower precision.
+        lower precision. With a leaky controller `ψ⋆` is of order `1/alpha`, so at
+        weak control scale `atol` down with it: at a fixed tolerance the update's
+        relative error grows like `alpha · atol`.
     - `max_steps`: the most steps of each solve.
     - `throw`: if `True`, a failed solve raises an error saying what to change
         (divergence names the controller and the solver). If `False`, the failure is
