@@ -456,6 +456,10 @@ def _meta(args):
             "curves": [r["curve"] for r in runs],
             "solve_success": float(np.mean([r["solve_success"] for r in runs])),
             "solve_steps": float(np.mean([r["solve_steps"] for r in runs])),
+            "inner_success": float(np.mean([r["inner_success"] for r in runs])),
+            "test_inner_success": float(
+                np.mean([r["test_inner_success"] for r in runs])
+            ),
         }
     lines = [
         f"10-shot sinusoid regression, MLP width {args.width}, lambda {args.lam}, "
@@ -473,6 +477,13 @@ def _meta(args):
             f"| {name} | {r['test_mse']:.3f} ± {r['test_mse_std']:.3f} | "
             f"{r['seconds_per_step']:.3f} | {solves} |"
         )
+    for name, r in results.items():
+        if min(r["inner_success"], r["test_inner_success"]) < 1:
+            lines.append(
+                f"\nWarning: {name}: only {100 * r['inner_success']:.2f}% (training) "
+                f"and {100 * r['test_inner_success']:.2f}% (test) of the inner BFGS "
+                "solves converged; the rest stopped at max_steps."
+            )
     print("\n".join(lines), flush=True)
     if args.plot:
         import matplotlib

@@ -14,6 +14,7 @@ from lcp_solvers.models import (
     init_mlp,
     LeastControl,
     meta_gradient,
+    meta_train,
     RecurrentBackprop,
     sample_sinusoid_tasks,
     train_classifier,
@@ -306,6 +307,21 @@ def test_meta_lcp_solves_converge_and_weak_control_limit():
     assert tree_cosine(got, imaml) < 0.9
     with pytest.raises(ValueError, match="alpha > 0"):
         meta_gradient("lcp", learner, omega, task0, alpha=0.0)
+
+
+def test_meta_reports_unconverged_inner_solves():
+    omega, unravel = init_mlp(jax.random.key(0), width=5)
+    tasks = sample_sinusoid_tasks(jax.random.key(5), 3)
+    for max_steps, expect_all in ((256, True), (2, False)):
+        learner = ComplexSynapseLearner(unravel, lam=1.0, max_steps=max_steps)
+        for method in ("imaml", "reptile"):  # the two ways the inner solve is called
+            _, stats = meta_gradient(method, learner, omega, tasks)  # pyright: ignore
+            assert (float(stats["inner_ok"]) == 1.0) == expect_all, method
+    out = meta_train(
+        "reptile", key=jax.random.key(0), meta_steps=2, meta_batch=2, width=3,
+        test_tasks=3,
+    )  # fmt: skip
+    assert out["inner_success"] == 1.0 and out["test_inner_success"] == 1.0
 
 
 def test_bad_model_arguments():

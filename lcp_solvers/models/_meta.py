@@ -78,14 +78,17 @@ class ComplexSynapseLearner(eqx.Module):
         g = jax.grad(self.mse)(phi, data[0], data[1])
         return -g - self.lam * (phi - omega)
 
-    def adapt(self, omega, x, y, adjoint: optx.AbstractAdjoint = _IMPLICIT):
-        """`φ*(ω)` for one task's support set."""
+    def solve(
+        self, omega, x, y, adjoint: optx.AbstractAdjoint = _IMPLICIT
+    ) -> optx.Solution:
+        """The inner solve for one task's support set: `sol.value` is `φ*(ω)`, and
+        `sol.result` says whether BFGS converged within `max_steps`."""
 
         def objective(phi, args):
             om, xx, yy = args
             return self.mse(phi, xx, yy) + 0.5 * self.lam * jnp.sum((phi - om) ** 2)
 
-        sol = optx.minimise(
+        return optx.minimise(
             objective,
             optx.BFGS(rtol=self.rtol, atol=self.atol),
             omega,
@@ -94,7 +97,10 @@ class ComplexSynapseLearner(eqx.Module):
             adjoint=adjoint,
             throw=False,
         )
-        return sol.value
+
+    def adapt(self, omega, x, y, adjoint: optx.AbstractAdjoint = _IMPLICIT):
+        """`φ*(ω)` for one task's support set (see `solve` for whether it converged)."""
+        return self.solve(omega, x, y, adjoint).value
 
 
 def init_mlp(key: PRNGKeyArray, width: int = 20, depth: int = 2, dtype=None):
@@ -213,28 +219,37 @@ def meta_gradient(
     **Returns:**
 
     `(grad, stats)`, `grad` averaged over the tasks (for `"lcp"`, over the tasks whose
-    controlled solve succeeded; `stats["ok"]` is that fraction).
+    controlled solve succeeded; `stats["ok"]` is that fraction). `stats["inner_ok"]`
+    is the fraction of the tasks' inner solves (`learner.solve`) that converged.
     """
     from .._least_control import least_control_grad
 
+    def converged(sol):
+        return (sol.result == optx.RESULTS.successful).astype(omega.dtype)
+
     def one(xs, ys, xq, yq):
+        zero = jnp.zeros((), omega.dtype)
+        unit = jnp.ones((), omega.dtype)
         if method == "imaml":
 
             def outer(om):
-                phi = learner.adapt(om, xs, ys)
-                return learner.mse(phi, xq, yq)
+                sol = learner.solve(om, xs, ys)
+                return learner.mse(sol.value, xq, yq), converged(sol)
 
-            loss, g = jax.value_and_grad(outer)(omega)
-            return g, dict(query_mse=loss, steps=jnp.array(0.0), ok=jnp.array(1.0))
-        phi = jax.lax.stop_gradient(learner.adapt(omega, xs, ys))
+            (loss, inner_ok), g = jax.value_and_grad(outer, has_aux=True)(omega)
+            return g, dict(query_mse=loss, steps=zero, ok=unit, inner_ok=inner_ok)
+        sol = learner.solve(omega, xs, ys)
+        phi = jax.lax.stop_gradient(sol.value)
+        inner_ok = converged(sol)
         if method == "fomaml":
             loss, g = jax.value_and_grad(learner.mse)(phi, xq, yq)
-            return g, dict(query_mse=loss, steps=jnp.array(0.0), ok=jnp.array(1.0))
+            return g, dict(query_mse=loss, steps=zero, ok=unit, inner_ok=inner_ok)
         if method == "reptile":
             return omega - phi, dict(
                 query_mse=learner.mse(phi, xq, yq),
-                steps=jnp.array(0.0),
-                ok=jnp.array(1.0),
+                steps=zero,
+                ok=unit,
+                inner_ok=inner_ok,
             )
 
         def energy(p, data):
@@ -266,6 +281,7 @@ def meta_gradient(
             query_mse=learner.mse(phi, xq, yq),
             steps=info.num_steps.astype(g.dtype),
             ok=ok,
+            inner_ok=inner_ok,
         )
 
     if method not in META_METHOD_NAMES:
@@ -312,7 +328,9 @@ def meta_train(
     A dict with `test_mse` (mean), `test_mse_sem` (standard error over tasks),
     `curve` (mean meta-batch query MSE every step), `seconds`, and for LCP the
     fraction of successful controlled solves `solve_success` and their mean
-    `solve_steps`.
+    `solve_steps`. `inner_success` and `test_inner_success` are the fractions of
+    inner solves (BFGS, `max_steps`) that converged in training and on the test
+    tasks: an unconverged one still counts, at the point where BFGS stopped.
     """
     import time
 
@@ -335,11 +353,13 @@ def meta_train(
     @eqx.filter_jit
     def test_mse(omega, tasks):
         def one(xs, ys, xq, yq):
-            return learner.mse(learner.adapt(omega, xs, ys), xq, yq)
+            sol = learner.solve(omega, xs, ys)
+            ok = sol.result == optx.RESULTS.successful
+            return learner.mse(sol.value, xq, yq), ok
 
         return jax.vmap(one)(*tasks)
 
-    curve, success, steps = [], [], []
+    curve, success, steps, inner = [], [], [], []
     keys = list(jax.random.split(k_train, meta_steps)) if meta_steps else []
     start = time.perf_counter()
     for k in keys if progress is None else progress(keys):
@@ -347,14 +367,17 @@ def meta_train(
         curve.append(float(stats["query_mse"]))
         success.append(float(stats["ok"]))
         steps.append(float(stats["steps"]))
+        inner.append(float(stats["inner_ok"]))
     seconds = time.perf_counter() - start
     test = sample_sinusoid_tasks(k_test, test_tasks, shots, test_queries, dtype)
-    mses = np.asarray(test_mse(omega, test))
+    mses, test_ok = map(np.asarray, test_mse(omega, test))
     return dict(
         test_mse=float(mses.mean()),
         test_mse_sem=float(mses.std() / np.sqrt(len(mses))),
         curve=curve,
         seconds=seconds,
         solve_success=float(np.mean(success)) if success else 1.0,
+        inner_success=float(np.mean(inner)) if inner else 1.0,
+        test_inner_success=float(np.mean(test_ok)),
         solve_steps=float(np.mean(steps)) if steps else 0.0,
     )
