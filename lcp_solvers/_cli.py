@@ -482,7 +482,8 @@ def _meta(args):
             lines.append(
                 f"\nWarning: {name}: only {100 * r['inner_success']:.2f}% (training) "
                 f"and {100 * r['test_inner_success']:.2f}% (test) of the inner BFGS "
-                "solves converged; the rest stopped at max_steps."
+                "solves converged within max_steps; the others count where BFGS "
+                "stopped."
             )
     print("\n".join(lines), flush=True)
     if args.plot:
