@@ -216,28 +216,32 @@ def _mean_std(values):
     return float(arr.mean()), float(arr.std())
 
 
-def _run_one(method, arch, dataset, args, seed):
+def _initial_model(dataset, arch, hidden, seed, feedback):
+    """The network a `table1`/`demo` run starts from, and its training key: a run is
+    fixed by `seed` (what `docs/results/diagnose_feedback.py` relies on)."""
     import jax
     import jax.numpy as jnp
 
-    from .models import (
-        EquilibriumNetwork,
-        LeastControl,
-        RecurrentBackprop,
-        train_classifier,
-    )
+    from .models import EquilibriumNetwork
 
-    hidden = (args.hidden, args.hidden) if arch == "ff" else (args.hidden,)
+    sizes = (hidden, hidden) if arch == "ff" else (hidden,)
     key_model, key_train = jax.random.split(jax.random.key(seed))
     model = EquilibriumNetwork(
         dataset.x_train.shape[1],
         dataset.num_classes,
-        hidden,
+        sizes,
         arch,
         key=key_model,
-        feedback=method == "kp",
+        feedback=feedback,
         dtype=jnp.float32,
     )
+    return model, key_train
+
+
+def _run_one(method, arch, dataset, args, seed):
+    from .models import LeastControl, RecurrentBackprop, train_classifier
+
+    model, key_train = _initial_model(dataset, arch, args.hidden, seed, method == "kp")
     if method == "rbp":
         rule = RecurrentBackprop()
     else:

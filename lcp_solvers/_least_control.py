@@ -117,15 +117,22 @@ def _check_arguments(f, loss, theta, phi0, args, controller, solver, name):
     _check_structures(f, loss, theta, phi0, args, controller)
 
 
+def default_tolerance(tree: PyTree[Array]) -> float:
+    """The default `rtol`/`atol`: `1e-8` if every floating leaf of `tree` is float64,
+    else `1e-5`."""
+    leaves = [jnp.asarray(x) for x in jtu.tree_leaves(tree)]
+    leaves = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    double = bool(leaves) and all(jnp.finfo(x.dtype).bits >= 64 for x in leaves)
+    return 1e-8 if double else 1e-5
+
+
 def _controlled_equilibrium(
     f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps, throw
 ) -> LeastControlInfo:
     """The free and controlled solves shared by `least_control_grad` and
     `least_control_objective`."""
     phi0 = jtu.tree_map(jnp.asarray, phi0)
-    leaves = [x for x in jtu.tree_leaves(phi0) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    double = bool(leaves) and all(jnp.finfo(x.dtype).bits >= 64 for x in leaves)
-    default_tol = 1e-8 if double else 1e-5
+    default_tol = default_tolerance(phi0)
     rtol = default_tol if rtol is None else rtol
     atol = default_tol if atol is None else atol
     free_f = lambda phi: f(phi, theta, args)

@@ -23,8 +23,9 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
 
+from lcp_solvers._cli import _initial_model
 from lcp_solvers._data import load_dataset
-from lcp_solvers.models import EquilibriumNetwork, LeastControl, train_classifier
+from lcp_solvers.models import LeastControl, train_classifier
 from lcp_solvers.models._train import _adam, _train_step, evaluate, free_equilibrium
 
 
@@ -33,24 +34,9 @@ def _cos(a, b):
     return round(float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b))), 3)
 
 
-def _model(ds, arch, seed, feedback):
-    key_model, key_train = jax.random.split(jax.random.key(seed))
-    hidden = (64, 64) if arch == "ff" else (64,)
-    model = EquilibriumNetwork(
-        ds.x_train.shape[1],
-        ds.num_classes,
-        hidden,
-        arch,
-        key=key_model,
-        feedback=feedback,
-        dtype=jnp.float32,
-    )
-    return model, key_train
-
-
 def kp(args):
     ds = load_dataset(args.dataset)
-    model, key = _model(ds, args.arch, 0, feedback=True)
+    model, key = _initial_model(ds, args.arch, 64, 0, feedback=True)
     rule = LeastControl(variant="kp", alpha=args.alpha)
     di = eqx.filter_jit(LeastControl(variant="di", alpha=args.alpha))
     kp_rule = eqx.filter_jit(rule)
@@ -115,7 +101,7 @@ class _OracleFeedback(LeastControl):
 
 def lf_oracle(args):
     ds = load_dataset(args.dataset)
-    model, key = _model(ds, args.arch, 0, feedback=False)
+    model, key = _initial_model(ds, args.arch, 64, 0, feedback=False)
     rule = _OracleFeedback(variant="lf", alpha=args.alpha, oracle=args.oracle)
     _, history = train_classifier(
         model, rule, ds, epochs=args.epochs, key=key, max_recurrent_norm=0.95

@@ -11,8 +11,10 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._controller import AbstractController, LinearFeedback
+from .._controller import _proportional_u, AbstractController, LinearFeedback
+from .._least_control import default_tolerance
 from .._solution import RESULTS
+from ._train import mean_of_successful
 
 
 _IMPLICIT = optx.ImplicitAdjoint()
@@ -160,7 +162,7 @@ class _WarmStartedFeedback(AbstractController):
             throw=False,
         )
         phi_c = sol.value
-        return phi_c, jax.tree.map(lambda g: -g / alpha, sys.grad_loss(phi_c))
+        return phi_c, _proportional_u(sys, phi_c, alpha)
 
     def velocity(self, sys, state):
         return self.feedback.velocity(sys, state)
@@ -175,11 +177,11 @@ class _WarmStartedFeedback(AbstractController):
         return self.feedback.loss_weight()
 
 
-def _default_meta_solver(dtype):
+def _default_meta_solver(omega):
     # Started next to the root, Newton's iteration with the Jacobian of the start
     # (a dense LU of the (φ, u) system, 2p x 2p) converges in about two steps and
     # needs one Jacobian instead of one per step.
-    tol = 1e-8 if jnp.finfo(dtype).bits >= 64 else 1e-5
+    tol = default_tolerance(omega)
     return optx.Chord(rtol=tol, atol=tol)
 
 
@@ -271,7 +273,7 @@ def meta_gradient(
             phi,
             (xs, ys, xq, yq),
             controller=controller,
-            solver=_default_meta_solver(omega.dtype) if solver is None else solver,
+            solver=_default_meta_solver(omega) if solver is None else solver,
             max_steps=max_steps,
             throw=False,
         )
@@ -294,10 +296,7 @@ def meta_gradient(
     data = (tasks.x_support, tasks.y_support, tasks.x_query, tasks.y_query)
     grads, stats = jax.vmap(lambda *d: one(*d))(*data)
     # Tasks whose controlled solve failed return an arbitrary update; leave them out.
-    keep = stats["ok"]
-    # `where`, not only the weights: a failed solve may return NaN, and 0 * NaN = NaN.
-    grads = jnp.where(keep[:, None] > 0, grads, 0.0)
-    grad = jnp.tensordot(keep, grads, axes=1) / jnp.maximum(jnp.sum(keep), 1.0)
+    grad = mean_of_successful(stats["ok"] > 0, grads)
     return grad, {k: jnp.mean(v) for k, v in stats.items()}
 
 

@@ -60,6 +60,19 @@ def predict(model: EquilibriumNetwork, x: Float[Array, "batch d"]) -> Int[Array,
     return jnp.argmax(y, axis=-1)
 
 
+def mean_of_successful(ok: Array, tree: PyTree[Array]) -> PyTree[Array]:
+    """The mean over the leading (example) axis of every leaf of `tree`, over the
+    examples where `ok` is true (zero if none is). A failed solve returns an arbitrary
+    value, possibly NaN, so it is masked out with `where`, not weighted by zero."""
+    denom = jnp.maximum(jnp.sum(ok), 1).astype(jtu.tree_leaves(tree)[0].dtype)
+
+    def mean(g):
+        mask = ok.reshape((-1,) + (1,) * (g.ndim - 1))
+        return jnp.sum(jnp.where(mask, g, 0), axis=0) / denom
+
+    return jtu.tree_map(mean, tree)
+
+
 class AbstractUpdateRule(eqx.Module):
     """How a batch turns into parameter updates for an [`EquilibriumNetwork`][].
 
@@ -282,15 +295,7 @@ class LeastControl(AbstractUpdateRule):
         if self.drop_failed:
             # A solve that hit `max_steps` or diverged returns an arbitrary ψ; leave
             # those examples out of the batch average rather than follow it.
-            keep = ok.astype(x.dtype)
-            denom = jnp.maximum(jnp.sum(keep), 1.0)
-
-            def average(g):
-                # `where` as well as the weights: a diverged solve may return NaN.
-                g = jnp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
-                return jnp.tensordot(keep, g, axes=1) / denom
-
-            grads = jtu.tree_map(average, grads)
+            grads = mean_of_successful(ok, grads)
         else:
             grads = jtu.tree_map(lambda g: jnp.mean(g, axis=0), grads)
         stats = dict(
