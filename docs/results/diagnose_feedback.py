@@ -12,7 +12,9 @@ the exact DI update on 256 training examples.
 of the noise-driven rule: `--oracle rule` is the exact fixed point of the noise rule
 on that batch (`Q = -Σ Aᵀ (Σ A Aᵀ)⁻¹` with `A = [0, I](∂_φ f)⁻¹` per example), and
 `--oracle mean` the batch mean of DI's feedback `Aᵀ`. If even these shared matrices
-lag BP/RBP, the gap is the shared `Q`, not how it is learned.
+lag BP/RBP, the gap is the shared `Q`, not how it is learned. The hidden units'
+learning signal is modulated by their own `σ'(h)` (`LeastControl`'s default) unless
+`--no-modulate` is given.
 """
 
 import argparse
@@ -26,7 +28,7 @@ import numpy as np
 from lcp_solvers._cli import _initial_model
 from lcp_solvers._data import load_dataset
 from lcp_solvers.models import LeastControl, train_classifier
-from lcp_solvers.models._train import _adam, _train_step, evaluate, free_equilibrium
+from lcp_solvers.models._train import _adam, _train_step, evaluate
 
 
 def _cos(a, b):
@@ -76,8 +78,8 @@ def kp(args):
 class _OracleFeedback(LeastControl):
     oracle: str = eqx.field(static=True, default="rule")
 
-    def _lf_update(self, model, q, x, key):
-        (h, y), _ = free_equilibrium(model, x)
+    def _lf_update(self, model, q, x, key, phi_free):
+        h, y = phi_free
         n, c = model.num_hidden, model.num_outputs
 
         def response(hi, yi, xi):
@@ -102,12 +104,21 @@ class _OracleFeedback(LeastControl):
 def lf_oracle(args):
     ds = load_dataset(args.dataset)
     model, key = _initial_model(ds, args.arch, 64, 0, feedback=False)
-    rule = _OracleFeedback(variant="lf", alpha=args.alpha, oracle=args.oracle)
+    rule = _OracleFeedback(
+        variant="lf",
+        alpha=args.alpha,
+        oracle=args.oracle,
+        modulate=not args.no_modulate,
+    )
     _, history = train_classifier(
         model, rule, ds, epochs=args.epochs, key=key, max_recurrent_norm=0.95
     )
     acc = [round(100 * a, 2) for a in history["test_accuracy"]]
-    print(f"LCP-LF, oracle {args.oracle!r} Q, {args.arch}: test acc. every 5 epochs")
+    signal = "plain" if args.no_modulate else "modulated"
+    print(
+        f"LCP-LF ({signal}), oracle {args.oracle!r} Q, {args.dataset} {args.arch}, "
+        f"alpha {args.alpha:g}: test acc. every 5 epochs"
+    )
     print(acc[4::5], "solve_success", history["solve_success"][-1])
 
 
@@ -122,6 +133,11 @@ def main():
         p.add_argument("--epochs", type=int, default=30)
         if name == "lf-oracle":
             p.add_argument("--oracle", choices=("rule", "mean"), default="rule")
+            p.add_argument(
+                "--no-modulate",
+                action="store_true",
+                help="plain -(d_theta f)^T Qu, without the sigma'(h) modulation",
+            )
     args = parser.parse_args()
     kp(args) if args.command == "kp" else lf_oracle(args)
 

@@ -155,7 +155,7 @@ class LeastControl(AbstractUpdateRule):
             `S_W, S_R` (Kolen–Pollack: `ΔS = σψᵀ - γS`, `ΔW = ψσᵀ - γW`); the model
             must be built with `feedback=True`;
         - `"lf"`: linear feedback `ψ = Q u` with `Q` learned by the noise-driven rule
-            of [`lcp_solvers.linear_feedback_update`][];
+            of [`lcp_solvers.linear_feedback_update`][] (see `modulate`);
         - `"ebd"`: energy-based dynamics at `β = 1/α`.
     - `alpha`: leak of the output controller (the paper's 0.1).
     - `solver`: solver of the controlled equilibrium (see `least_control_grad`).
@@ -179,6 +179,14 @@ class LeastControl(AbstractUpdateRule):
         before each batch's update. `Q` starts at zero.
     - `drop_failed`: leave examples whose controlled solve failed (see
         `stats["ok"]`, the fraction that succeeded) out of the batch average.
+    - `modulate`: for `"lf"` only, scale each hidden unit's learning signal by its
+        own `σ'(h)`: `ψ_h = σ'(h) ⊙ (Qu)_h` (the control applied to the dynamics is
+        still `Qu`), as the paper's code does. With `D = diag σ'(h)`, the optimal
+        feedback `-(∂_φ f)^{-T}[0, I]ᵀ = [D(I - WᵀD)^{-1}Rᵀ; I]` carries every
+        unit's `σ'(h_i)` as a left factor, which changes from example to example and
+        which one `Q` shared by all examples cannot follow, but which the unit has
+        locally. `False` gives the plain `-(∂_θ f)ᵀQu`, a feedback-alignment-like
+        signal that learns far less (docs/results.md).
     """
 
     variant: Variant = eqx.field(static=True, default="di")
@@ -195,6 +203,7 @@ class LeastControl(AbstractUpdateRule):
     q_steps: int = eqx.field(static=True, default=400)
     drop_failed: bool = eqx.field(static=True, default=True)
     q_samples: int = eqx.field(static=True, default=4)
+    modulate: bool = eqx.field(static=True, default=True)
 
     @property
     def name(self) -> str:
@@ -254,7 +263,7 @@ class LeastControl(AbstractUpdateRule):
         params, static = eqx.partition(model, eqx.is_inexact_array)
         (h0, y0), _ = free_equilibrium(model, x)
         if self.variant == "lf":
-            state = self._lf_update(model, state, x, key)
+            state = self._lf_update(model, state, x, key, (h0, y0))
         controller = self._controller(static, state)
 
         def f(phi, theta, args):
@@ -276,7 +285,7 @@ class LeastControl(AbstractUpdateRule):
             solver = DiscreteTime(step_size=self.step_size, solver=anderson)
 
         def one(phi0, xi, li):
-            return least_control_grad(
+            grads, info = least_control_grad(
                 f,
                 loss,
                 params,
@@ -289,6 +298,9 @@ class LeastControl(AbstractUpdateRule):
                 max_steps=self.max_steps,
                 throw=False,
             )
+            if self.variant == "lf" and self.modulate:
+                grads = _modulated_grads(f, params, info, (xi, li))
+            return grads, info
 
         grads, info = jax.vmap(one)((h0, y0), x, labels)
         ok = info.result == RESULTS.successful
@@ -329,13 +341,13 @@ class LeastControl(AbstractUpdateRule):
             ),
         )
 
-    def _lf_update(self, model, q, x, key):
+    def _lf_update(self, model, q, x, key, phi_free):
         from .._feedback_learning import linear_feedback_update
 
         # The noise rule is run online, a short stretch per batch on a few examples'
         # free equilibria (averaged), so `Q` tracks the network as it learns.
         params, static = eqx.partition(model, eqx.is_inexact_array)
-        (h, y), _ = free_equilibrium(model, x[: self.q_samples])
+        h, y = (p[: self.q_samples] for p in phi_free)
 
         def f(phi, theta, xi):
             return eqx.combine(theta, static).vector_field(phi, xi)
@@ -356,6 +368,18 @@ class LeastControl(AbstractUpdateRule):
 
         keys = jax.random.split(key, h.shape[0])
         return jnp.mean(jax.vmap(one)(h, y, x[: self.q_samples], keys), axis=0)
+
+
+def _modulated_grads(f, params, info, args):
+    # The hidden units' learning signal σ'(h)⊙(Qu)_h: the optimal feedback
+    # (∂_φ f)^{-T} has every unit's own σ'(h_i) as a left factor, which the unit can
+    # apply locally; one Q shared by all examples cannot.
+    h, _ = info.phi
+    psi_h, psi_y = info.psi
+    psi = ((1 - jnp.tanh(h) ** 2) * psi_h, psi_y)
+    _, vjp = jax.vjp(lambda th: f(info.phi, th, args), params)
+    (g,) = vjp(psi)
+    return jtu.tree_map(jnp.negative, g)
 
 
 @functools.cache
