@@ -181,6 +181,82 @@ def test_kp_feedback_with_transposed_weights_is_the_exact_jacobian():
         kp.init(EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(0)), None)
 
 
+@pytest.mark.parametrize("modulate", [True, False])
+def test_linear_feedback_update_is_the_local_rule(modulate):
+    model = EquilibriumNetwork(6, 3, (4, 5), "ff", key=jax.random.key(20))
+    x, labels = _batch(jax.random.key(21))
+    q = 0.3 * jax.random.normal(jax.random.key(22), (12, 3)) + jnp.eye(12, 3, -9)
+    # q_lr = 0 leaves Q as given, so the update can be rebuilt from one solve.
+    rule = LeastControl(
+        variant="lf",
+        alpha=1.0,
+        q_lr=0.0,
+        q_steps=1,
+        modulate=modulate,
+        rtol=1e-11,
+        atol=1e-11,
+        max_steps=4096,
+    )
+    grads, q_after, stats = rule(model, q, x, labels, jax.random.key(0))
+    assert stats["ok"] == 1.0
+    np.testing.assert_array_equal(q_after, q)
+
+    (h0, y0), _ = free_equilibrium(model, x)
+    controller = lcp.LinearFeedback(Q=q, alpha=1.0, output=lambda phi: phi[1])
+    _, info = jax.vmap(
+        lambda p, xi, li: lcp.least_control_grad(
+            lambda phi, theta, a: theta.vector_field(phi, a[0]),
+            lambda phi, a: cross_entropy(phi[1], a[1]),
+            model,
+            p,
+            (xi, li),
+            controller=controller,
+            solver=lcp.DiscreteTime(step_size=0.5),
+            rtol=1e-11,
+            atol=1e-11,
+            max_steps=4096,
+        )
+    )((h0, y0), x, labels)
+    h, _ = info.phi
+    qu = info.u[1] @ q.T  # the control applied to every unit, Qu
+    psi_h, psi_y = qu[:, :9], qu[:, 9:]
+    np.testing.assert_allclose(info.psi[0], psi_h, atol=1e-9)
+    if modulate:
+        psi_h = (1 - jnp.tanh(h) ** 2) * psi_h
+    s = jnp.tanh(h)
+    m_w, m_u, m_r = model.masks(6, 3)
+    n = x.shape[0]
+    np.testing.assert_allclose(-grads.W, psi_h.T @ s / n * m_w, atol=1e-8)
+    np.testing.assert_allclose(-grads.U, psi_h.T @ x / n * m_u, atol=1e-8)
+    np.testing.assert_allclose(-grads.R, psi_y.T @ s / n * m_r, atol=1e-8)
+    np.testing.assert_allclose(-grads.b, psi_h.mean(0), atol=1e-8)
+
+
+def test_modulated_linear_feedback_recovers_di_with_the_unit_free_feedback():
+    # With D = diag tanh'(h), DI's feedback is [D (I - WᵀD)⁻¹ Rᵀ; I]. A Q equal to
+    # the part without the units' own D, [(I - WᵀD)⁻¹ Rᵀ; I], plus the modulation
+    # gives DI's update in the weak-control limit; without the modulation it does not.
+    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(23))
+    x, labels = _batch(jax.random.key(24), n=1)
+    (h0, _), _ = free_equilibrium(model, x, rtol=1e-12, atol=1e-12)
+    d = jnp.diag(1 - jnp.tanh(h0[0]) ** 2)
+    q_h = jnp.linalg.solve(jnp.eye(7) - model.W.T @ d, model.R.T)
+    q = jnp.concatenate([q_h, jnp.eye(3)])
+    tight = dict(alpha=1e4, rtol=1e-13, atol=1e-13, max_steps=4096)
+    g_di, _, _ = LeastControl(variant="di", **tight)(
+        model, None, x, labels, jax.random.key(0)
+    )
+    cos = {}
+    for modulate in (True, False):
+        rule = LeastControl(
+            variant="lf", q_lr=0.0, q_steps=1, modulate=modulate, **tight
+        )
+        g_lf, _, stats = rule(model, q, x, labels, jax.random.key(0))
+        assert stats["ok"] == 1.0
+        cos[modulate] = tree_cosine((g_lf.W, g_lf.U), (g_di.W, g_di.U))
+    assert cos[True] > 0.9999 and cos[False] < 0.99, cos
+
+
 def test_linear_feedback_learns_q_towards_the_di_update():
     model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(12))
     x, labels = _batch(jax.random.key(13), n=8)
