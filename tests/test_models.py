@@ -257,6 +257,18 @@ def test_modulated_linear_feedback_recovers_di_with_the_unit_free_feedback():
     assert cos[True] > 0.9999 and cos[False] < 0.99, cos
 
 
+def test_failed_solves_are_left_out_of_update_and_stats():
+    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(25))
+    x, labels = _batch(jax.random.key(26))
+    # Two steps of a strong controller cannot reach 1e-12: every solve fails.
+    rule = LeastControl(variant="di", alpha=0.1, rtol=1e-12, atol=1e-12, max_steps=2)
+    grads, _, stats = rule(model, None, x, labels, jax.random.key(0))
+    assert stats["ok"] == 0.0
+    assert stats["H"] == 0.0 and np.isfinite(stats["steps"])
+    for g in jax.tree_util.tree_leaves(grads):
+        np.testing.assert_array_equal(g, 0)
+
+
 def test_linear_feedback_learns_q_towards_the_di_update():
     model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(12))
     x, labels = _batch(jax.random.key(13), n=8)

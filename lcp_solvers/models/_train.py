@@ -312,7 +312,8 @@ class LeastControl(AbstractUpdateRule):
             grads = jtu.tree_map(lambda g: jnp.mean(g, axis=0), grads)
         stats = dict(
             loss=jnp.mean(jax.vmap(cross_entropy)(y0, labels)),
-            H=jnp.mean(info.control),
+            # A failed solve's control is arbitrary (NaN after divergence).
+            H=mean_of_successful(ok, info.control),
             steps=jnp.mean(info.num_steps),
             ok=jnp.mean(ok),
         )
