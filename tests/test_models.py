@@ -68,6 +68,19 @@ def test_rbp_gradient_matches_unrolled_backprop():
     assert stats["ok"] == 1.0
 
 
+def _assert_hebbian(grads, model, x, h, psi_h, psi_y):
+    # The batch mean of ΔW = ψ_h σ(h)ᵀ, ΔU = ψ_h xᵀ, ΔR = ψ_y σ(h)ᵀ, Δb = ψ_h,
+    # Δc = ψ_y, masked, written out by hand.
+    s = jnp.tanh(h)
+    m_w, m_u, m_r = model.masks(x.shape[1], psi_y.shape[1])
+    n = x.shape[0]
+    np.testing.assert_allclose(-grads.W, psi_h.T @ s / n * m_w, atol=1e-8)
+    np.testing.assert_allclose(-grads.U, psi_h.T @ x / n * m_u, atol=1e-8)
+    np.testing.assert_allclose(-grads.R, psi_y.T @ s / n * m_r, atol=1e-8)
+    np.testing.assert_allclose(-grads.b, psi_h.mean(0), atol=1e-8)
+    np.testing.assert_allclose(-grads.c, psi_y.mean(0), atol=1e-8)
+
+
 @pytest.mark.parametrize("arch", ["ff", "rnn"])
 def test_lcp_update_is_the_local_hebbian_rule(arch):
     hidden = (4, 5) if arch == "ff" else 6
@@ -101,14 +114,7 @@ def test_lcp_update_is_the_local_hebbian_rule(arch):
     # The controlled equilibrium holds: f(φ) + ψ = 0.
     fh, fy = jax.vmap(model.vector_field)(info.phi, x)
     np.testing.assert_allclose(fh + psi_h, 0, atol=1e-8)
-    s = jnp.tanh(h)
-    m_w, m_u, m_r = model.masks(6, 3)
-    n = x.shape[0]
-    np.testing.assert_allclose(-grads.W, psi_h.T @ s / n * m_w, atol=1e-8)
-    np.testing.assert_allclose(-grads.U, psi_h.T @ x / n * m_u, atol=1e-8)
-    np.testing.assert_allclose(-grads.R, psi_y.T @ s / n * m_r, atol=1e-8)
-    np.testing.assert_allclose(-grads.b, psi_h.mean(0), atol=1e-8)
-    np.testing.assert_allclose(-grads.c, psi_y.mean(0), atol=1e-8)
+    _assert_hebbian(grads, model, x, h, psi_h, psi_y)
 
 
 def test_weak_control_recovers_the_implicit_gradient():
@@ -223,13 +229,7 @@ def test_linear_feedback_update_is_the_local_rule(modulate):
     np.testing.assert_allclose(info.psi[0], psi_h, atol=1e-9)
     if modulate:
         psi_h = (1 - jnp.tanh(h) ** 2) * psi_h
-    s = jnp.tanh(h)
-    m_w, m_u, m_r = model.masks(6, 3)
-    n = x.shape[0]
-    np.testing.assert_allclose(-grads.W, psi_h.T @ s / n * m_w, atol=1e-8)
-    np.testing.assert_allclose(-grads.U, psi_h.T @ x / n * m_u, atol=1e-8)
-    np.testing.assert_allclose(-grads.R, psi_y.T @ s / n * m_r, atol=1e-8)
-    np.testing.assert_allclose(-grads.b, psi_h.mean(0), atol=1e-8)
+    _assert_hebbian(grads, model, x, h, psi_h, psi_y)
 
 
 def test_modulated_linear_feedback_recovers_di_with_the_unit_free_feedback():
