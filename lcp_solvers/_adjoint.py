@@ -16,7 +16,14 @@ from jax.interpreters import ad
 from jaxtyping import Array, PyTree
 
 from ._anderson import AndersonAcceleration
-from ._misc import is_none, tree_allfinite, tree_float_dtype, tree_rms, tree_scale
+from ._misc import (
+    is_none,
+    theta_vjp,
+    tree_allfinite,
+    tree_float_dtype,
+    tree_rms,
+    tree_scale,
+)
 from ._solution import RESULTS
 
 
@@ -538,10 +545,7 @@ def least_control_vjp(
         fixed_point_form=fixed_point_form,
         forward_solver=forward_solver,
     )
-    diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
-    _, vjp = jax.vjp(lambda d: f(y_c, eqx.combine(d, static_theta)), diff_theta)
-    (theta_bar,) = vjp(weight)
-    return eqx.combine(theta_bar, jtu.tree_map(lambda _: None, static_theta))
+    return theta_vjp(lambda t: f(y_c, t), theta, weight)
 
 
 def _controlled_solver(adjoint, fixed_point_form, forward_solver):

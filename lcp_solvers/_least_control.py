@@ -24,7 +24,7 @@ from ._inner_solver import (
     solve,
     solver_name,
 )
-from ._misc import is_none
+from ._misc import is_none, theta_vjp
 from ._solution import RESULTS
 
 
@@ -307,12 +307,9 @@ def least_control_grad(
     info = _controlled_equilibrium(
         f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps, throw
     )
-    diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
-    _, vjp = jax.vjp(
-        lambda d: f(info.phi, eqx.combine(d, static_theta), args), diff_theta
+    grad = theta_vjp(
+        lambda t: f(info.phi, t, args), theta, jtu.tree_map(jnp.negative, info.psi)
     )
-    (grad,) = vjp(jtu.tree_map(jnp.negative, info.psi))
-    grad = eqx.combine(grad, jtu.tree_map(lambda _: None, static_theta))
     return grad, info
 
 

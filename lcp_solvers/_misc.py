@@ -24,6 +24,15 @@ def tree_rms(tree: PyTree[Array], per_sample: bool = False) -> Array:
     return jnp.sqrt(sq / size)
 
 
+def theta_vjp(f_of_theta, theta: PyTree, cotangent: PyTree[Array]) -> PyTree:
+    """`(∂_θ f)ᵀ cotangent` with the structure of `theta`: the local learning rule
+    `-(∂_θ f)ᵀψ` for `cotangent = -ψ`. `None` where `theta` has no inexact array."""
+    diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
+    _, vjp = jax.vjp(lambda d: f_of_theta(eqx.combine(d, static_theta)), diff_theta)
+    (theta_bar,) = vjp(cotangent)
+    return eqx.combine(theta_bar, jtu.tree_map(lambda _: None, static_theta))
+
+
 def tree_scale(tree: PyTree[Array], s) -> PyTree[Array]:
     """Multiplies every leaf by `s`: a scalar, or one value per index of the leading
     axis."""

@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from .._anderson import AndersonAcceleration
 from .._inner_solver import DiscreteTime, IMEX
+from .._misc import theta_vjp
 from .._solution import RESULTS
 from ._eqnet import cross_entropy, EquilibriumNetwork
 
@@ -382,10 +383,8 @@ def _modulated_grads(f, params, info, args):
     # apply locally; one Q shared by all examples cannot.
     h, _ = info.phi
     psi_h, psi_y = info.psi
-    psi = ((1 - jnp.tanh(h) ** 2) * psi_h, psi_y)
-    _, vjp = jax.vjp(lambda th: f(info.phi, th, args), params)
-    (g,) = vjp(psi)
-    return jtu.tree_map(jnp.negative, g)
+    cotangent = (-(1 - jnp.tanh(h) ** 2) * psi_h, -psi_y)
+    return theta_vjp(lambda th: f(info.phi, th, args), params, cotangent)
 
 
 @functools.cache
