@@ -6,6 +6,7 @@ import pytest
 
 from lcp_solvers import _cli
 from lcp_solvers._cli import main
+from lcp_solvers.models._meta import META_METHOD_NAMES
 
 from .test_data import write_tiny_mnist_idx
 
@@ -123,13 +124,36 @@ def test_meta(tmp_path, capsys):
     out_json = tmp_path / "meta.json"
     argv = ["reproduce", "meta", "--seeds", "1", "--meta-steps", "2"]
     argv += ["--meta-batch", "2", "--width", "3", "--test-tasks", "3"]
-    argv += ["--no-progress", "--json", str(out_json)]
+    argv += ["--inner-steps", "3", "--no-progress", "--json", str(out_json)]
     assert main(argv) == 0
     results = json.loads(out_json.read_text())
-    assert set(results) == {"LCP", "iMAML", "FOMAML", "Reptile"}
+    assert set(results) == set(META_METHOD_NAMES.values())
+    assert set(_cli._META_METHODS) == set(META_METHOD_NAMES)
     for r in results.values():
         assert r["test_mse"] > 0 and len(r["curves"][0]) == 2
-    assert "| LCP |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| LCP |" in out and "| Reptile (prox) |" in out
+    assert "inner loop 3 x 0.003" in out
+
+
+def test_meta_warns_with_counts_of_unconverged_inner_solves(monkeypatch, capsys):
+    import lcp_solvers.models
+
+    def fake_meta_train(method, *, meta_steps, meta_batch, **kwargs):
+        total = meta_steps * meta_batch
+        return dict(
+            test_mse=1.0, curve=[1.0] * meta_steps, seconds=1.0, solve_success=1.0,
+            solve_steps=0.0, test_inner_success=1.0,
+            inner_success=1.0 if method == "imaml" else 1 - 1 / total,
+        )  # fmt: skip
+
+    monkeypatch.setattr(lcp_solvers.models, "meta_train", fake_meta_train)
+    argv = ["reproduce", "meta", "--seeds", "2", "--meta-steps", "3000"]
+    argv += ["--meta-batch", "5", "--methods", "lcp", "imaml", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Warning: LCP: 2 of 30,000 training and 0 of 200 test inner BFGS" in out
+    assert "iMAML:" not in out
 
 
 def test_optional_extras_are_not_imported_eagerly():

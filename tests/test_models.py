@@ -352,10 +352,25 @@ def test_meta_gradients_against_independent_formulas():
     expected = lam * jnp.linalg.solve(hess, g_eval)
     got, _ = meta_gradient("imaml", learner, omega, task0)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
-    got, _ = meta_gradient("fomaml", learner, omega, task0)
+    got, _ = meta_gradient("fomaml-prox", learner, omega, task0)
     np.testing.assert_allclose(got, g_eval, rtol=1e-6, atol=1e-9)
-    got, _ = meta_gradient("reptile", learner, omega, task0)
+    got, _ = meta_gradient("reptile-prox", learner, omega, task0)
     np.testing.assert_allclose(got, omega - phi_star, rtol=1e-6, atol=1e-9)
+    # FOMAML and Reptile proper: gradient descent on the support MSE, unrolled here.
+    phi = omega
+    for _ in range(7):
+        phi = phi - 0.05 * jax.grad(learner.mse)(phi, xs, ys)
+    kw = dict(inner_steps=7, inner_lr=0.05)
+    got, stats = meta_gradient("fomaml", learner, omega, task0, **kw)
+    np.testing.assert_allclose(got, jax.grad(learner.mse)(phi, xq, yq), rtol=1e-9)
+    assert stats["inner_ok"] == 1.0
+    got, _ = meta_gradient("reptile", learner, omega, task0, **kw)
+    np.testing.assert_allclose(got, omega - phi, rtol=1e-9, atol=1e-12)
+    # The synapse plays no part in their inner loop.
+    other = ComplexSynapseLearner(unravel, lam=0.1)
+    np.testing.assert_array_equal(
+        meta_gradient("reptile", other, omega, task0, **kw)[0], got
+    )
     # LCP with Q = I: the controlled state minimises F + L_eval/α and Δω = λu* with
     # u* = -∇L_eval(φ_c)/α.
     alpha = 2.0
@@ -389,7 +404,7 @@ def test_meta_lcp_solves_converge_and_weak_control_limit():
     alpha = 1e3
     got, stats = meta_gradient("lcp", learner, omega, task0, alpha=alpha)
     assert stats["ok"] == 1.0
-    fomaml, _ = meta_gradient("fomaml", learner, omega, task0)
+    fomaml, _ = meta_gradient("fomaml-prox", learner, omega, task0)
     imaml, _ = meta_gradient("imaml", learner, omega, task0)
     assert_tree_close(got * alpha / lam, fomaml, 1e-2)
     assert tree_cosine(got, imaml) < 0.9
@@ -402,14 +417,45 @@ def test_meta_reports_unconverged_inner_solves():
     tasks = sample_sinusoid_tasks(jax.random.key(5), 3)
     for max_steps, expect_all in ((256, True), (2, False)):
         learner = ComplexSynapseLearner(unravel, lam=1.0, max_steps=max_steps)
-        for method in ("imaml", "reptile"):  # the two ways the inner solve is called
+        # The two ways the inner solve is called.
+        for method in ("imaml", "reptile-prox"):
             _, stats = meta_gradient(method, learner, omega, tasks)  # pyright: ignore
             assert (float(stats["inner_ok"]) == 1.0) == expect_all, method
     out = meta_train(
-        "reptile", key=jax.random.key(0), meta_steps=2, meta_batch=2, width=3,
+        "reptile-prox", key=jax.random.key(0), meta_steps=2, meta_batch=2, width=3,
         test_tasks=3,
     )  # fmt: skip
     assert out["inner_success"] == 1.0 and out["test_inner_success"] == 1.0
+
+
+def test_meta_train_tests_each_method_with_its_own_inner_learner():
+    # Zero meta-steps: ω is the initialisation, so the test MSE is that of the inner
+    # learner alone, computed here independently.
+    key = jax.random.key(3)
+    kw = dict(key=key, meta_steps=0, width=4, test_tasks=5, test_queries=7)
+    gd = dict(inner_steps=3, inner_lr=0.1)
+    k_init, _, k_test = jax.random.split(key, 3)
+    omega, unravel = init_mlp(k_init, 4)
+    learner = ComplexSynapseLearner(unravel, lam=2.0)
+    tasks = sample_sinusoid_tasks(k_test, 5, 10, 7)
+
+    def test_mse(adapt):
+        mses = []
+        for xs, ys, xq, yq in zip(*tasks):
+            mses.append(learner.mse(adapt(xs, ys), xq, yq))
+        return float(np.mean(mses))
+
+    def gd_adapt(xs, ys):
+        phi = omega
+        for _ in range(3):
+            phi = phi - 0.1 * jax.grad(learner.mse)(phi, xs, ys)
+        return phi
+
+    expected = test_mse(gd_adapt)
+    assert meta_train("reptile", **kw, **gd)["test_mse"] == pytest.approx(expected)
+    expected = test_mse(lambda xs, ys: learner.solve(omega, xs, ys).value)
+    out = meta_train("reptile-prox", lam=2.0, **kw, **gd)
+    assert out["test_mse"] == pytest.approx(expected)
 
 
 def test_bad_model_arguments():

@@ -20,6 +20,7 @@ from ._eqnet import (
 )
 from ._meta import (
     ComplexSynapseLearner as ComplexSynapseLearner,
+    descend as descend,
     init_mlp as init_mlp,
     meta_gradient as meta_gradient,
     meta_train as meta_train,

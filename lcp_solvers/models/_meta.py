@@ -119,13 +119,34 @@ def init_mlp(key: PRNGKeyArray, width: int = 20, depth: int = 2, dtype=None):
     return flat, unravel
 
 
-MetaMethod = Literal["lcp", "imaml", "fomaml", "reptile"]
+def descend(
+    learner: ComplexSynapseLearner,
+    omega: Float[Array, " p"],
+    x: Float[Array, "k 1"],
+    y: Float[Array, "k 1"],
+    steps: int,
+    learning_rate: float,
+) -> Float[Array, " p"]:
+    """The standard inner loop of MAML, FOMAML and Reptile: `steps` steps of gradient
+    descent on the support MSE from `φ = ω`, without the synapse's `λ` term."""
+
+    def step(_, phi):
+        return phi - learning_rate * jax.grad(learner.mse)(phi, x, y)
+
+    return jax.lax.fori_loop(0, steps, step, omega)
+
+
+MetaMethod = Literal["lcp", "imaml", "fomaml", "reptile", "fomaml-prox", "reptile-prox"]
 META_METHOD_NAMES = {
     "lcp": "LCP",
     "imaml": "iMAML",
     "fomaml": "FOMAML",
     "reptile": "Reptile",
+    "fomaml-prox": "FOMAML (prox)",
+    "reptile-prox": "Reptile (prox)",
 }
+# Methods whose inner learner is `descend`, not the complex synapse's `φ*(ω)`.
+GD_METHODS = ("fomaml", "reptile")
 
 
 class _WarmStartedFeedback(AbstractController):
@@ -194,6 +215,8 @@ def meta_gradient(
     alpha: float = 1.0,
     solver=None,
     max_steps: int = 32,
+    inner_steps: int = 10,
+    inner_lr: float = 0.02,
 ) -> tuple[Float[Array, " p"], dict[str, Array]]:
     r"""The meta-update direction (to be descended) for one batch of tasks.
 
@@ -215,14 +238,21 @@ def meta_gradient(
         `max_steps` steps); `alpha` must be positive.
     - `"imaml"`: the exact implicit meta-gradient `∇_ω L_eval(φ*(ω))` through the
         inner `optx.minimise` with `optx.ImplicitAdjoint` (a Hessian solve).
-    - `"fomaml"`: `∇_φ L_eval(φ*)`, the first-order approximation.
-    - `"reptile"`: `ω - φ*`.
+    - `"fomaml"`, `"reptile"`: the standard algorithms (Finn et al., 2017; Nichol
+        et al., 2018), as in the baselines the paper quotes: the inner learner is
+        `inner_steps` steps of gradient descent with step `inner_lr` on the support
+        MSE from `ω` ([`lcp_solvers.models.descend`][], no synapse), ending at `φ_K`;
+        FOMAML's direction is `∇_φ L_eval(φ_K)`, Reptile's `ω - φ_K`.
+    - `"fomaml-prox"`, `"reptile-prox"`: the same two directions at the complex
+        synapse's `φ*` instead of `φ_K`: `∇_φ L_eval(φ*)` and `ω - φ*`. Reptile's is
+        then `1/λ` times the gradient of the support loss's Moreau envelope.
 
     **Returns:**
 
     `(grad, stats)`, `grad` averaged over the tasks (for `"lcp"`, over the tasks whose
     controlled solve succeeded; `stats["ok"]` is that fraction). `stats["inner_ok"]`
-    is the fraction of the tasks' inner solves (`learner.solve`) that converged.
+    is the fraction of the tasks' inner solves (`learner.solve`) that converged (1
+    for the gradient-descent inner loop, which runs a fixed number of steps).
     """
     from .._least_control import least_control_grad
 
@@ -240,13 +270,17 @@ def meta_gradient(
 
             (loss, inner_ok), g = jax.value_and_grad(outer, has_aux=True)(omega)
             return g, dict(query_mse=loss, steps=zero, ok=unit, inner_ok=inner_ok)
-        sol = learner.solve(omega, xs, ys)
-        phi = jax.lax.stop_gradient(sol.value)
-        inner_ok = converged(sol)
-        if method == "fomaml":
+        if method in GD_METHODS:
+            phi = descend(learner, omega, xs, ys, inner_steps, inner_lr)
+            inner_ok = unit
+        else:
+            sol = learner.solve(omega, xs, ys)
+            phi = jax.lax.stop_gradient(sol.value)
+            inner_ok = converged(sol)
+        if method in ("fomaml", "fomaml-prox"):
             loss, g = jax.value_and_grad(learner.mse)(phi, xq, yq)
             return g, dict(query_mse=loss, steps=zero, ok=unit, inner_ok=inner_ok)
-        if method == "reptile":
+        if method in ("reptile", "reptile-prox"):
             return omega - phi, dict(
                 query_mse=learner.mse(phi, xq, yq),
                 steps=zero,
@@ -312,6 +346,8 @@ def meta_train(
     alpha: float = 1.0,
     width: int = 20,
     learning_rate: float = 1e-3,
+    inner_steps: int = 10,
+    inner_lr: float = 0.02,
     test_tasks: int = 200,
     test_queries: int = 100,
     progress: Callable | None = None,
@@ -320,7 +356,9 @@ def meta_train(
     """Meta-train the slow weights `ω` with Adam and one of the meta-gradients of
     [`lcp_solvers.models.meta_gradient`][], then report the post-adaptation query MSE
     on `test_tasks` fresh tasks (the same held-out tasks for every method with the
-    same `key`).
+    same `key`). Each method is tested with the inner learner it was meta-trained
+    for: `descend` (`inner_steps`, `inner_lr`) for `"fomaml"` and `"reptile"`, the
+    complex synapse's `φ*(ω)` (`lam`) for the others.
 
     **Returns:**
 
@@ -345,13 +383,24 @@ def meta_train(
     @eqx.filter_jit
     def step(omega, opt_state, k):
         tasks = sample_sinusoid_tasks(k, meta_batch, shots, queries, dtype)
-        g, stats = meta_gradient(method, learner, omega, tasks, alpha=alpha)
+        g, stats = meta_gradient(
+            method,
+            learner,
+            omega,
+            tasks,
+            alpha=alpha,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+        )
         updates, opt_state = optim.update(g, opt_state, omega)
         return optax.apply_updates(omega, updates), opt_state, stats
 
     @eqx.filter_jit
     def test_mse(omega, tasks):
         def one(xs, ys, xq, yq):
+            if method in GD_METHODS:
+                phi = descend(learner, omega, xs, ys, inner_steps, inner_lr)
+                return learner.mse(phi, xq, yq), jnp.array(True)
             sol = learner.solve(omega, xs, ys)
             ok = sol.result == optx.RESULTS.successful
             return learner.mse(sol.value, xq, yq), ok
