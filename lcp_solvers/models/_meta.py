@@ -215,8 +215,8 @@ def meta_gradient(
     alpha: float = 1.0,
     solver=None,
     max_steps: int = 32,
-    inner_steps: int = 10,
-    inner_lr: float = 0.02,
+    inner_steps: int = 1000,
+    inner_lr: float = 0.003,
 ) -> tuple[Float[Array, " p"], dict[str, Array]]:
     r"""The meta-update direction (to be descended) for one batch of tasks.
 
@@ -242,7 +242,9 @@ def meta_gradient(
         et al., 2018), as in the baselines the paper quotes: the inner learner is
         `inner_steps` steps of gradient descent with step `inner_lr` on the support
         MSE from `ω` ([`lcp_solvers.models.descend`][], no synapse), ending at `φ_K`;
-        FOMAML's direction is `∇_φ L_eval(φ_K)`, Reptile's `ω - φ_K`.
+        FOMAML's direction is `∇_φ L_eval(φ_K)`, Reptile's `ω - φ_K`. The
+        defaults, 1000 steps of 0.003, were Reptile's best on the sinusoid task
+        (docs/results.md).
     - `"fomaml-prox"`, `"reptile-prox"`: the same two directions at the complex
         synapse's `φ*` instead of `φ_K`: `∇_φ L_eval(φ*)` and `ω - φ*`. Reptile's is
         then `1/λ` times the gradient of the support loss's Moreau envelope.
@@ -346,8 +348,8 @@ def meta_train(
     alpha: float = 1.0,
     width: int = 20,
     learning_rate: float = 1e-3,
-    inner_steps: int = 10,
-    inner_lr: float = 0.02,
+    inner_steps: int = 1000,
+    inner_lr: float = 0.003,
     test_tasks: int = 200,
     test_queries: int = 100,
     progress: Callable | None = None,
