@@ -149,6 +149,16 @@ META_METHOD_NAMES = {
 GD_METHODS = ("fomaml", "reptile")
 
 
+def _adapt(method, learner, omega, x, y, inner_steps, inner_lr):
+    """The inner learner `method` is meta-trained and tested with, and whether it
+    converged: `descend` for `GD_METHODS` (a fixed number of steps, always counted
+    as converged), the complex synapse's `φ*(ω)` otherwise."""
+    if method in GD_METHODS:
+        return descend(learner, omega, x, y, inner_steps, inner_lr), jnp.array(True)
+    sol = learner.solve(omega, x, y)
+    return sol.value, sol.result == optx.RESULTS.successful
+
+
 class _WarmStartedFeedback(AbstractController):
     """`lcp.LinearFeedback(Q=I, alpha)` for the complex synapse, its controlled solve
     warm-started near its root.
@@ -258,9 +268,6 @@ def meta_gradient(
     """
     from .._least_control import least_control_grad
 
-    def converged(sol):
-        return (sol.result == optx.RESULTS.successful).astype(omega.dtype)
-
     def one(xs, ys, xq, yq):
         zero = jnp.zeros((), omega.dtype)
         unit = jnp.ones((), omega.dtype)
@@ -268,17 +275,14 @@ def meta_gradient(
 
             def outer(om):
                 sol = learner.solve(om, xs, ys)
-                return learner.mse(sol.value, xq, yq), converged(sol)
+                ok = sol.result == optx.RESULTS.successful
+                return learner.mse(sol.value, xq, yq), ok.astype(omega.dtype)
 
             (loss, inner_ok), g = jax.value_and_grad(outer, has_aux=True)(omega)
             return g, dict(query_mse=loss, steps=zero, ok=unit, inner_ok=inner_ok)
-        if method in GD_METHODS:
-            phi = descend(learner, omega, xs, ys, inner_steps, inner_lr)
-            inner_ok = unit
-        else:
-            sol = learner.solve(omega, xs, ys)
-            phi = jax.lax.stop_gradient(sol.value)
-            inner_ok = converged(sol)
+        phi, inner_ok = _adapt(method, learner, omega, xs, ys, inner_steps, inner_lr)
+        phi = jax.lax.stop_gradient(phi)
+        inner_ok = inner_ok.astype(omega.dtype)
         if method in ("fomaml", "fomaml-prox"):
             loss, g = jax.value_and_grad(learner.mse)(phi, xq, yq)
             return g, dict(query_mse=loss, steps=zero, ok=unit, inner_ok=inner_ok)
@@ -400,12 +404,8 @@ def meta_train(
     @eqx.filter_jit
     def test_mse(omega, tasks):
         def one(xs, ys, xq, yq):
-            if method in GD_METHODS:
-                phi = descend(learner, omega, xs, ys, inner_steps, inner_lr)
-                return learner.mse(phi, xq, yq), jnp.array(True)
-            sol = learner.solve(omega, xs, ys)
-            ok = sol.result == optx.RESULTS.successful
-            return learner.mse(sol.value, xq, yq), ok
+            phi, ok = _adapt(method, learner, omega, xs, ys, inner_steps, inner_lr)
+            return learner.mse(phi, xq, yq), ok
 
         return jax.vmap(one)(*tasks)
 
