@@ -70,6 +70,15 @@ def _add_training_args(p: argparse.ArgumentParser, *, epochs: int, hidden: int):
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam step size")
     p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help=(
+            "constant, or cosine: anneal the step size to a tenth of --lr over the "
+            "run, as the paper's code can"
+        ),
+    )
+    p.add_argument(
         "--alpha",
         type=_positive_float,
         default=10.0,
@@ -256,6 +265,10 @@ def _initial_model(dataset, arch, hidden, seed, feedback):
     return model, key_train
 
 
+def _schedule_note(args):
+    return ", cosine step size" if args.lr_schedule == "cosine" else ""
+
+
 def _run_one(method, arch, dataset, args, seed):
     from .models import LeastControl, RecurrentBackprop, train_classifier
 
@@ -274,6 +287,7 @@ def _run_one(method, arch, dataset, args, seed):
         key=key_train,
         progress=_progress(args, f"{_METHOD_NAMES[method]} {arch} seed {seed}"),
         max_recurrent_norm=args.max_recurrent_norm,
+        lr_schedule=args.lr_schedule,
     )
     return history
 
@@ -380,6 +394,7 @@ def _demo(args):
     title = (
         f"digits ({len(dataset.x_train)} train / {len(dataset.x_test)} test), "
         f"eqRNN {args.hidden} units, {args.epochs} epochs, alpha {args.alpha:g}"
+        + _schedule_note(args)
     )
     rows = {}
     for method in ("rbp", "di"):
@@ -424,7 +439,7 @@ def _table1(args):
     title = (
         f"{args.dataset} ({len(dataset.x_train)} train / {len(dataset.x_test)} test), "
         f"hidden {args.hidden}, {args.epochs} epochs, {args.seeds} seed(s), "
-        f"alpha {args.alpha:g}"
+        f"alpha {args.alpha:g}" + _schedule_note(args)
     )
     rows = _classification(
         args, dataset, args.methods, args.architectures, args.seeds, title

@@ -54,6 +54,7 @@ def test_console_script_and_module_entry_points():
         (["demo", "--epochs", "0"], "expected a positive integer, got 0"),
         (["demo", "--alpha", "fast"], "expected a positive number, got 'fast'"),
         (["reproduce", "meta", "--methods", "maml"], "invalid choice: 'maml'"),
+        (["demo", "--lr-schedule", "step"], "invalid choice: 'step'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -110,13 +111,14 @@ def test_table1_on_mnist_files(tmp_path, capsys):
     assert "5 test" in capsys.readouterr().out
 
 
-def test_table1_digits_rnn_with_progress_bars(capsys):
+def test_table1_digits_rnn_with_progress_bars_and_cosine_step_size(capsys):
     tiny = [a for a in _TINY if a != "--no-progress"]
     argv = ["reproduce", "table1", "--dataset", "digits", *tiny, "--seeds", "1"]
     argv += ["--max-train", "64", "--methods", "di", "--architectures", "rnn"]
-    assert main(argv) == 0
+    assert main([*argv, "--lr-schedule", "cosine"]) == 0
     captured = capsys.readouterr()
     assert "| LCP-DI | rnn |" in captured.out
+    assert "cosine step size" in captured.out
     assert "LCP-DI rnn seed 0" in captured.err  # the tqdm bar
 
 
