@@ -4,6 +4,7 @@ import argparse
 import json
 import pathlib
 import sys
+import textwrap
 from collections.abc import Sequence
 
 
@@ -359,8 +360,10 @@ def _plot_curves(rows, path, title):
             )
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.legend()
+    # Wrapped: a run's full description is wider than the axes.
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)
+    # Two columns keep a full table's ten curves visible under the legend.
+    ax.legend(loc="lower right", fontsize=8, ncol=2 if len(rows) > 6 else 1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
