@@ -3,6 +3,7 @@
     python diagnose_feedback.py kp --dataset mnist1d --arch rnn --alpha 100
     python diagnose_feedback.py lf-oracle --dataset digits --arch ff
     python diagnose_feedback.py kp-init --dataset mnist1d --alpha 100
+    python diagnose_feedback.py kp-decay --dataset mnist1d --alpha 100 --decay 3e-5
 
 `kp`: trains LCP-DI (KP) exactly as `lcp-solvers reproduce table1` does (seed 0) and
 every 5 epochs prints the alignment of the learned feedback weights with the forward
@@ -15,6 +16,11 @@ from the feedback initialisation of the paper's code: `S_W` scaled to Frobenius 
 readout units, and no decay (`--decay`, default 0; the paper decays by 1e-6 per step
 outside Adam, 3% over 30,000 steps). Prints each run's final test accuracy and the
 mean over seeds every 30 epochs.
+
+`kp-decay`: the same from the table's initialisation with the Kolen-Pollack decay
+`--decay` (default 1e-4, the table's: then the runs are the table's KP runs), and
+after each run the alignment of the feedback weights (cosine of `W` with `S_Wᵀ`, `R`
+with `S_Rᵀ`).
 
 `lf-oracle`: trains LCP-LF with `Q` replaced, before every batch, by an oracle instead
 of the noise-driven rule: `--oracle rule` is the exact fixed point of the noise rule
@@ -131,9 +137,17 @@ def lf_oracle(args):
 
 
 def kp_init(args):
+    _kp_runs(args, "paper-code feedback init", paper_init=True)
+
+
+def kp_decay(args):
+    _kp_runs(args, "the table's init", paper_init=False)
+
+
+def _kp_runs(args, init_name, paper_init):
     ds = load_dataset(args.dataset)
     print(
-        f"LCP-DI (KP), paper-code feedback init, decay {args.decay:g}, "
+        f"LCP-DI (KP), {init_name}, decay {args.decay:g}, "
         f"{args.dataset}, alpha {args.alpha:g}, batch {args.batch_size}, "
         f"{args.epochs} epochs"
     )
@@ -142,18 +156,19 @@ def kp_init(args):
         for seed in range(3):
             model, key = _initial_model(ds, arch, 64, seed, feedback=True)
             assert model.S_W is not None and model.S_R is not None
-            c = model.S_R.shape[1]
-            model = eqx.tree_at(
-                lambda m: (m.S_W, m.S_R),
-                model,
-                (
-                    model.S_W / jnp.linalg.norm(model.S_W),
-                    # `_initial_model` draws S_R ~ N(0, 1/n).
-                    model.S_R / np.sqrt(c),
-                ),
-            )
+            if paper_init:
+                c = model.S_R.shape[1]
+                model = eqx.tree_at(
+                    lambda m: (m.S_W, m.S_R),
+                    model,
+                    (
+                        model.S_W / jnp.linalg.norm(model.S_W),
+                        # `_initial_model` draws S_R ~ N(0, 1/n).
+                        model.S_R / np.sqrt(c),
+                    ),
+                )
             rule = LeastControl(variant="kp", alpha=args.alpha, weight_decay=args.decay)
-            _, history = train_classifier(
+            model, history = train_classifier(
                 model,
                 rule,
                 ds,
@@ -163,7 +178,14 @@ def kp_init(args):
                 max_recurrent_norm=0.95,
             )
             curves.append(100 * np.asarray(history["test_accuracy"]))
-            print(f"{arch} seed {seed}: {curves[-1][-1]:.2f}", flush=True)
+            line = f"{arch} seed {seed}: {curves[-1][-1]:.2f}"
+            if not paper_init:
+                assert model.S_W is not None and model.S_R is not None
+                line += (
+                    f"  cos(W, S_W^T) {_cos(model.W, model.S_W.T)}"
+                    f"  cos(R, S_R^T) {_cos(model.R, model.S_R.T)}"
+                )
+            print(line, flush=True)
         mean = np.mean(curves, axis=0)
         every = {
             e: round(float(mean[e - 1]), 2) for e in range(30, args.epochs + 1, 30)
@@ -174,7 +196,7 @@ def kp_init(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("kp", "lf-oracle", "kp-init"):
+    for name in ("kp", "lf-oracle", "kp-init", "kp-decay"):
         p = sub.add_parser(name)
         p.add_argument("--dataset", default="digits")
         p.add_argument("--arch", choices=("ff", "rnn"), default="ff")
@@ -183,6 +205,9 @@ def main():
         if name == "kp-init":
             p.add_argument("--batch-size", type=int, default=64)
             p.add_argument("--decay", type=float, default=0.0)
+        if name == "kp-decay":
+            p.add_argument("--batch-size", type=int, default=64)
+            p.add_argument("--decay", type=float, default=1e-4)
         if name == "lf-oracle":
             p.add_argument("--oracle", choices=("rule", "mean"), default="rule")
             p.add_argument(
@@ -191,7 +216,9 @@ def main():
                 help="plain -(d_theta f)^T Qu, without the sigma'(h) modulation",
             )
     args = parser.parse_args()
-    {"kp": kp, "lf-oracle": lf_oracle, "kp-init": kp_init}[args.command](args)
+    commands = {"kp": kp, "lf-oracle": lf_oracle, "kp-init": kp_init}
+    commands["kp-decay"] = kp_decay
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
