@@ -469,7 +469,7 @@ def train_classifier(
         free dynamics contract: a unique, stable equilibrium for every method).
     - `lr_schedule`: `"constant"`, or `"cosine"` to anneal the step size along a
         cosine from `learning_rate` at the first update to a tenth of it at the
-        last (the paper's code's cosine option).
+        end of the run (the paper's code's cosine option).
 
     **Returns:**
 
