@@ -34,6 +34,14 @@ class _System(eqx.Module):
     def grad_loss(self, phi):
         return jax.grad(self.loss)(phi)
 
+    # Names of the public `lcp.ControlledSystem` (being introduced).
+    def loss_grad(self, phi):
+        return self.grad_loss(phi)
+
+    @property
+    def output_mask(self):
+        return self.mask
+
 
 def _output_mask(loss_fn, phi, args):
     """1 where the loss depends on the state, 0 elsewhere, detected at `phi`.
