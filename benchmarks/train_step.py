@@ -1,4 +1,4 @@
-"""One training step of `lcp_solvers.models` per update rule, against recurrent
+"""One training step of `lcp_solvers.experiments` per update rule, against recurrent
 backprop on the same batch: the cost that `lcp-solvers reproduce table1` reports per
 epoch, without the data loop around it.
 
@@ -6,11 +6,12 @@ epoch, without the data loop around it.
     the paper's widths: "ff" = 2 x 256 units, "rnn" = 256 units,
     each rule with the settings `lcp-solvers reproduce table1` uses (alpha 10).
 
-Every rule's step (`models._train._train_step`: update, Adam, spectral-norm limit) is
-compiled once, then timed on the same batch from the same initial network (median
-wall time over repeats, `block_until_ready`). Reported: milliseconds per step and the
-ratio to BP/RBP. A regression in the training loop (e.g. a batch mean that XLA cannot
-fuse with the per-example outer products `ψσᵀ`) shows here as a ratio jump.
+Every rule's step (`experiments._train._train_step`: update, Adam, spectral-norm
+limit) is compiled once, then timed on the same batch from the same initial network
+(median wall time over repeats, `block_until_ready`). Reported: milliseconds per step
+and the ratio to BP/RBP. A regression in the training loop (e.g. a batch mean that
+XLA cannot fuse with the per-example outer products `ψσᵀ`) shows here as a ratio
+jump.
 
     .venv/bin/python benchmarks/train_step.py [--repeats 7] [--arch ff rnn]
 """
@@ -23,10 +24,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from lcp_solvers._cli import _initial_model
-from lcp_solvers._data import load_dataset
-from lcp_solvers.models import LeastControl, RecurrentBackprop
-from lcp_solvers.models._train import _adam, _train_step
+from lcp_solvers.experiments import LeastControl, load_dataset, RecurrentBackprop
+from lcp_solvers.experiments._cli import _initial_model
+from lcp_solvers.experiments._train import _adam, _train_step
 
 
 def _time_rule(rule, model, x, y, repeats):

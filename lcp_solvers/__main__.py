@@ -1,6 +1,11 @@
 import sys
 
-from ._cli import main
+
+def _run() -> int:
+    # The command lives with the experiments, on top of the library.
+    from .experiments._cli import main
+
+    return main()
 
 
-sys.exit(main())
+sys.exit(_run())

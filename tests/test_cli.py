@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from lcp_solvers import _cli
-from lcp_solvers._cli import main
-from lcp_solvers.models._meta import META_METHOD_NAMES
+from lcp_solvers.experiments import _cli
+from lcp_solvers.experiments._cli import main
+from lcp_solvers.experiments._meta import META_METHOD_NAMES
 
 from .test_data import write_tiny_mnist_idx
 
@@ -31,7 +31,12 @@ def test_help(argv, capsys):
 def test_console_script_and_module_entry_points():
     for cmd in (
         [sys.executable, "-m", "lcp_solvers", "--help"],
-        [sys.executable, "-c", "from lcp_solvers._cli import main; main()", "--help"],
+        [
+            sys.executable,
+            "-c",
+            "from lcp_solvers.experiments._cli import main; main()",
+            "--help",
+        ],
     ):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -43,7 +48,7 @@ def test_console_script_and_module_entry_points():
         for e in importlib.metadata.entry_points(group="console_scripts")
         if e.name == "lcp-solvers"
     ]
-    assert ep.value == "lcp_solvers._cli:main"
+    assert ep.value == "lcp_solvers.experiments._cli:main"
 
 
 @pytest.mark.parametrize(
@@ -139,7 +144,7 @@ def test_meta(tmp_path, capsys):
 
 
 def test_meta_warns_with_counts_of_unconverged_inner_solves(monkeypatch, capsys):
-    import lcp_solvers.models
+    import lcp_solvers.experiments
 
     def fake_meta_train(method, *, meta_steps, meta_batch, **kwargs):
         total = meta_steps * meta_batch
@@ -149,7 +154,7 @@ def test_meta_warns_with_counts_of_unconverged_inner_solves(monkeypatch, capsys)
             inner_success=1.0 if method == "imaml" else 1 - 1 / total,
         )  # fmt: skip
 
-    monkeypatch.setattr(lcp_solvers.models, "meta_train", fake_meta_train)
+    monkeypatch.setattr(lcp_solvers.experiments, "meta_train", fake_meta_train)
     argv = ["reproduce", "meta", "--seeds", "2", "--meta-steps", "3000"]
     argv += ["--meta-batch", "5", "--methods", "lcp", "imaml", "--no-progress"]
     assert main(argv) == 0
@@ -160,7 +165,7 @@ def test_meta_warns_with_counts_of_unconverged_inner_solves(monkeypatch, capsys)
 
 def test_optional_extras_are_not_imported_eagerly():
     code = (
-        "import sys, lcp_solvers, lcp_solvers.models, lcp_solvers._cli; "
+        "import sys, lcp_solvers, lcp_solvers.experiments._cli; "
         "print(sorted(m for m in ('optax', 'sklearn', 'matplotlib', 'tqdm', "
         "'mnist1d') if m in sys.modules))"
     )

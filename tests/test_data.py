@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from lcp_solvers.models import load_digits, load_mnist, load_mnist1d, read_idx
+from lcp_solvers.experiments import load_digits, load_mnist, load_mnist1d, read_idx
 
 
 def _write_idx(path, array, compress):

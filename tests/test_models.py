@@ -7,7 +7,7 @@ import optimistix as optx
 import pytest
 
 import lcp_solvers as lcp
-from lcp_solvers.models import (
+from lcp_solvers.experiments import (
     ComplexSynapseLearner,
     cross_entropy,
     EquilibriumNetwork,
@@ -289,7 +289,7 @@ def test_linear_feedback_learns_q_towards_the_di_update():
 
 
 def test_training_with_optax_learns():
-    from lcp_solvers.models import Dataset
+    from lcp_solvers.experiments import Dataset
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 6)) * 2
@@ -332,7 +332,7 @@ def test_cosine_step_size_against_a_hand_written_adam():
     # One batch per epoch (the whole training set), so the only difference between
     # the runs is the step size: a hand-written Adam with the closed-form cosine
     # `lr (0.1 + 0.9 (1 + cos(pi k / N)) / 2)` must give train_classifier's weights.
-    from lcp_solvers.models import Dataset
+    from lcp_solvers.experiments import Dataset
 
     rng = np.random.default_rng(0)
     xs = jnp.asarray(rng.normal(size=(16, 5)))

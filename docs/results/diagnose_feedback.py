@@ -39,10 +39,14 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
 
-from lcp_solvers._cli import _initial_model
-from lcp_solvers._data import load_dataset
-from lcp_solvers.models import LeastControl, train_classifier
-from lcp_solvers.models._train import _adam, _train_step, evaluate
+from lcp_solvers.experiments import (
+    evaluate,
+    LeastControl,
+    load_dataset,
+    train_classifier,
+)
+from lcp_solvers.experiments._cli import _initial_model
+from lcp_solvers.experiments._train import _adam, _train_step
 
 
 def _cos(a, b):

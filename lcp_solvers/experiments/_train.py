@@ -15,10 +15,8 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from .._anderson import AndersonAcceleration
-from .._inner_solver import DiscreteTime, IMEX
-from .._misc import theta_vjp
-from .._solution import RESULTS
+import lcp_solvers as lcp
+
 from ._eqnet import cross_entropy, EquilibriumNetwork
 
 
@@ -44,7 +42,7 @@ def free_equilibrium(
     h0 = jnp.zeros((x.shape[0], model.num_hidden), x.dtype)
     sol = optx.fixed_point(
         lambda h, args: jax.vmap(args[0].fixed_point_map)(h, args[1]),
-        AndersonAcceleration(rtol=rtol, atol=atol),
+        lcp.AndersonAcceleration(rtol=rtol, atol=atol),
         h0,
         args=(model, x),
         max_steps=max_steps,
@@ -249,23 +247,19 @@ class LeastControl(AbstractUpdateRule):
         return rtol, atol
 
     def _controller(self, static, q):
-        from .._controller import DynamicInversion, EnergyBased, LinearFeedback
-
         if self.variant == "di":
-            return DynamicInversion(alpha=self.alpha)
+            return lcp.DynamicInversion(alpha=self.alpha)
         if self.variant == "ebd":
-            return EnergyBased(beta=1 / self.alpha)
+            return lcp.EnergyBased(beta=1 / self.alpha)
         if self.variant == "lf":
-            return LinearFeedback(Q=q, alpha=self.alpha, output=lambda phi: phi[1])
+            return lcp.LinearFeedback(Q=q, alpha=self.alpha, output=lambda phi: phi[1])
 
         def feedback(phi, theta, args, psi):
             return eqx.combine(theta, static).kp_feedback(phi, psi)
 
-        return DynamicInversion(alpha=self.alpha, feedback=feedback)
+        return lcp.DynamicInversion(alpha=self.alpha, feedback=feedback)
 
     def __call__(self, model, state, x, labels, key):
-        from .._least_control import least_control_grad
-
         params, static = eqx.partition(model, eqx.is_inexact_array)
         (h0, y0), _ = free_equilibrium(model, x)
         if self.variant == "lf":
@@ -280,18 +274,18 @@ class LeastControl(AbstractUpdateRule):
 
         solver = self.solver
         rtol, atol = self._tolerances()
-        anderson = AndersonAcceleration(
+        anderson = lcp.AndersonAcceleration(
             rtol=rtol, atol=atol, history_length=self.history_length
         )
         if solver is None and self.variant in ("di", "kp"):
-            solver = IMEX(solver=anderson)
+            solver = lcp.IMEX(solver=anderson)
         elif solver is None and self.variant == "ebd":
-            solver = IMEX(step_size=0.5, solver=anderson)
+            solver = lcp.IMEX(step_size=0.5, solver=anderson)
         elif solver is None:
-            solver = DiscreteTime(step_size=self.step_size, solver=anderson)
+            solver = lcp.DiscreteTime(step_size=self.step_size, solver=anderson)
 
         def one(phi0, xi, li):
-            grads, info = least_control_grad(
+            grads, info = lcp.least_control_grad(
                 f,
                 loss,
                 params,
@@ -309,7 +303,7 @@ class LeastControl(AbstractUpdateRule):
             return grads, info
 
         grads, info = jax.vmap(one)((h0, y0), x, labels)
-        ok = info.result == RESULTS.successful
+        ok = info.result == lcp.RESULTS.successful
         if self.drop_failed:
             # A solve that hit `max_steps` or diverged returns an arbitrary ψ; leave
             # those examples out of the batch average rather than follow it.
@@ -349,8 +343,6 @@ class LeastControl(AbstractUpdateRule):
         )
 
     def _lf_update(self, model, q, x, key, phi_free):
-        from .._feedback_learning import linear_feedback_update
-
         # The noise rule is run online, a short stretch per batch on a few examples'
         # free equilibria (averaged), so `Q` tracks the network as it learns.
         params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -360,7 +352,7 @@ class LeastControl(AbstractUpdateRule):
             return eqx.combine(theta, static).vector_field(phi, xi)
 
         def one(hi, yi, xi, k):
-            return linear_feedback_update(
+            return lcp.linear_feedback_update(
                 f,
                 params,
                 (hi, yi),
@@ -384,7 +376,11 @@ def _modulated_grads(f, params, info, args):
     h, _ = info.phi
     psi_h, psi_y = info.psi
     cotangent = (-(1 - jnp.tanh(h) ** 2) * psi_h, -psi_y)
-    return theta_vjp(lambda th: f(info.phi, th, args), params, cotangent)
+    # (∂_θ f)ᵀ cotangent over the inexact arrays of `params` (`None` elsewhere).
+    diff, static = eqx.partition(params, eqx.is_inexact_array)
+    _, vjp = jax.vjp(lambda d: f(info.phi, eqx.combine(d, static), args), diff)
+    (theta_bar,) = vjp(cotangent)
+    return eqx.combine(theta_bar, jtu.tree_map(lambda _: None, static))
 
 
 @functools.cache
@@ -457,10 +453,10 @@ def train_classifier(
 
     **Arguments:**
 
-    - `model`: the initial [`lcp_solvers.models.EquilibriumNetwork`][].
-    - `rule`: an update rule ([`lcp_solvers.models.RecurrentBackprop`][] or
-        [`lcp_solvers.models.LeastControl`][]).
-    - `dataset`: a [`lcp_solvers.models.Dataset`][].
+    - `model`: the initial [`lcp_solvers.experiments.EquilibriumNetwork`][].
+    - `rule`: an update rule ([`lcp_solvers.experiments.RecurrentBackprop`][] or
+        [`lcp_solvers.experiments.LeastControl`][]).
+    - `dataset`: a [`lcp_solvers.experiments.Dataset`][].
     - `epochs`, `batch_size`, `learning_rate`: the paper uses 30, 64 and 1e-3.
     - `key`: PRNG key for shuffling (and the noise of linear feedback).
     - `progress`: optional wrapper of the batch iterator, e.g. `tqdm.tqdm`.

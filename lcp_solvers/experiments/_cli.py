@@ -16,7 +16,7 @@ _METHOD_NAMES = {
     "lf": "LCP-LF",
     "ebd": "LCP-EBD",
 }
-# The keys of `models._meta.META_METHOD_NAMES`, spelled out so that `--help` does not
+# The keys of `_meta.META_METHOD_NAMES`, spelled out so that `--help` does not
 # import JAX.
 _META_METHODS = ("lcp", "imaml", "fomaml", "reptile", "fomaml-prox", "reptile-prox")
 
@@ -250,7 +250,7 @@ def _initial_model(dataset, arch, hidden, seed, feedback):
     import jax
     import jax.numpy as jnp
 
-    from .models import EquilibriumNetwork
+    from . import EquilibriumNetwork
 
     sizes = (hidden, hidden) if arch == "ff" else (hidden,)
     key_model, key_train = jax.random.split(jax.random.key(seed))
@@ -271,7 +271,7 @@ def _schedule_note(args):
 
 
 def _run_one(method, arch, dataset, args, seed):
-    from .models import LeastControl, RecurrentBackprop, train_classifier
+    from . import LeastControl, RecurrentBackprop, train_classifier
 
     model, key_train = _initial_model(dataset, arch, args.hidden, seed, method == "kp")
     if method == "rbp":
@@ -389,7 +389,7 @@ def _classification(args, dataset, methods, architectures, seeds, title):
 
 
 def _demo(args):
-    from .models import load_digits
+    from . import load_digits
 
     dataset = load_digits(
         seed=args.seed, max_train=args.max_train, max_test=args.max_test
@@ -459,8 +459,8 @@ def _meta(args):
     import jax
     import numpy as np
 
-    from .models import meta_train
-    from .models._meta import GD_METHODS, META_METHOD_NAMES
+    from . import meta_train
+    from ._meta import GD_METHODS, META_METHOD_NAMES
 
     # The inner problems are solved to tight tolerances (their gradients are what is
     # compared), which float32 cannot resolve.

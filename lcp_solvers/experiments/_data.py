@@ -62,7 +62,7 @@ def load_digits(
 
     **Returns:**
 
-    A [`lcp_solvers.models.Dataset`][].
+    A [`lcp_solvers.experiments.Dataset`][].
     """
     from sklearn.datasets import load_digits as _load_digits
     from sklearn.model_selection import train_test_split
@@ -99,7 +99,7 @@ def load_mnist1d(
 
     **Returns:**
 
-    A [`lcp_solvers.models.Dataset`][].
+    A [`lcp_solvers.experiments.Dataset`][].
     """
     from mnist1d.data import get_dataset_args, make_dataset
     from mnist1d.utils import ObjectView
@@ -203,7 +203,7 @@ def load_mnist(
 
     **Returns:**
 
-    A [`lcp_solvers.models.Dataset`][] with images flattened to 784 features.
+    A [`lcp_solvers.experiments.Dataset`][] with images flattened to 784 features.
 
     **Raises:**
 
@@ -266,7 +266,7 @@ def load_dataset(
     max_test: int | None = None,
 ) -> Dataset:
     """Load a data set by name: `"digits"`, `"mnist1d"` or `"mnist"` (which needs
-    `data_dir`). See [`lcp_solvers.models.load_digits`][] and friends."""
+    `data_dir`). See [`lcp_solvers.experiments.load_digits`][] and friends."""
     if name == "digits":
         return load_digits(seed=seed, max_train=max_train, max_test=max_test)
     if name == "mnist1d":

@@ -39,7 +39,8 @@ class EquilibriumNetwork(eqx.Module):
     - `recurrent_scale`: spectral-norm-ish scale of the initial recurrent weights of
         the `"rnn"` variant (below 1 so the free dynamics start contracting).
     - `feedback`: if `True`, also create Kolen–Pollack feedback weights `S_W`, `S_R`
-        (shapes of `Wᵀ`, `Rᵀ`), used by [`lcp_solvers.models.LCP`][] with `"kp"`.
+        (shapes of `Wᵀ`, `Rᵀ`), used by
+        [`lcp_solvers.experiments.LeastControl`][] with `"kp"`.
     """
 
     W: Float[Array, "n n"]

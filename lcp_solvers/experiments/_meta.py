@@ -11,9 +11,8 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._controller import _proportional_u, AbstractController, LinearFeedback
-from .._least_control import default_tolerance
-from .._solution import RESULTS
+import lcp_solvers as lcp
+
 from ._train import mean_of_successful
 
 
@@ -159,7 +158,15 @@ def _adapt(method, learner, omega, x, y, inner_steps, inner_lr):
     return sol.value, sol.result == optx.RESULTS.successful
 
 
-class _WarmStartedFeedback(AbstractController):
+def _proportional_u(system, phi, alpha):
+    # u = -∇L/α on the outputs (`output_mask` is 1 there, 0 elsewhere): the
+    # proportional controller, and the leaky output controller's steady state.
+    return jax.tree_util.tree_map(
+        lambda g, m: -m * g / alpha, system.loss_grad(phi), system.output_mask
+    )
+
+
+class _WarmStartedFeedback(lcp.AbstractController):
     """`lcp.LinearFeedback(Q=I, alpha)` for the complex synapse, its controlled solve
     warm-started near its root.
 
@@ -176,43 +183,53 @@ class _WarmStartedFeedback(AbstractController):
     with positive real part), on others they converge very slowly.
     """
 
-    feedback: LinearFeedback
+    feedback: lcp.LinearFeedback
     energy: Callable = eqx.field(static=True)
+    energy_args: Any
     rtol: float
     atol: float
     max_steps: int = eqx.field(static=True)
 
-    def init(self, sys, phi):
+    def init(self, system, phi):
         alpha = self.feedback.alpha
         sol = optx.minimise(
             self.energy,
             optx.BFGS(rtol=self.rtol, atol=self.atol),
             phi,
-            args=sys.args,
+            args=self.energy_args,
             max_steps=self.max_steps,
             throw=False,
         )
         phi_c = sol.value
-        return phi_c, _proportional_u(sys, phi_c, alpha)
+        return phi_c, _proportional_u(system, phi_c, alpha)
 
-    def velocity(self, sys, state):
-        return self.feedback.velocity(sys, state)
+    # Everything else is the wrapped `lcp.LinearFeedback`'s.
+    def velocity(self, system, state):
+        return self.feedback.velocity(system, state)
 
-    def residual(self, sys, state):
-        return self.feedback.residual(sys, state)
+    def residual(self, system, state):
+        return self.feedback.residual(system, state)
 
-    def unpack(self, sys, state):
-        return self.feedback.unpack(sys, state)
+    def unpack(self, system, state):
+        return self.feedback.unpack(system, state)
 
     def loss_weight(self):
         return self.feedback.loss_weight()
+
+
+def _dtype_tolerance(tree) -> float:
+    # `1e-8` if every floating leaf of `tree` is float64, else `1e-5`.
+    leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+    leaves = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    double = bool(leaves) and all(jnp.finfo(x.dtype).bits >= 64 for x in leaves)
+    return 1e-8 if double else 1e-5
 
 
 def _default_meta_solver(omega):
     # Started next to the root, Newton's iteration with the Jacobian of the start
     # (a dense LU of the (φ, u) system, 2p x 2p) converges in about two steps and
     # needs one Jacobian instead of one per step.
-    tol = default_tolerance(omega)
+    tol = _dtype_tolerance(omega)
     return optx.Chord(rtol=tol, atol=tol)
 
 
@@ -251,8 +268,8 @@ def meta_gradient(
     - `"fomaml"`, `"reptile"`: the standard algorithms (Finn et al., 2017; Nichol
         et al., 2018), as in the baselines the paper quotes: the inner learner is
         `inner_steps` steps of gradient descent with step `inner_lr` on the support
-        MSE from `ω` ([`lcp_solvers.models.descend`][], no synapse), ending at `φ_K`;
-        FOMAML's direction is `∇_φ L_eval(φ_K)`, Reptile's `ω - φ_K`. The
+        MSE from `ω` ([`lcp_solvers.experiments.descend`][], no synapse), ending at
+        `φ_K`; FOMAML's direction is `∇_φ L_eval(φ_K)`, Reptile's `ω - φ_K`. The
         defaults, 1000 steps of 0.003, were Reptile's best on the sinusoid task
         (docs/results.md).
     - `"fomaml-prox"`, `"reptile-prox"`: the same two directions at the complex
@@ -266,7 +283,6 @@ def meta_gradient(
     is the fraction of the tasks' inner solves (`learner.solve`) that converged (1
     for the gradient-descent inner loop, which runs a fixed number of steps).
     """
-    from .._least_control import least_control_grad
 
     def one(xs, ys, xq, yq):
         zero = jnp.zeros((), omega.dtype)
@@ -299,25 +315,27 @@ def meta_gradient(
             value = learner.mse(p, xs, ys) + learner.mse(p, xq, yq) / alpha
             return value + 0.5 * learner.lam * jnp.sum((p - omega) ** 2)
 
+        data = (xs, ys, xq, yq)
         controller = _WarmStartedFeedback(
-            LinearFeedback(Q=jnp.eye(omega.size, dtype=omega.dtype), alpha=alpha),
+            lcp.LinearFeedback(Q=jnp.eye(omega.size, dtype=omega.dtype), alpha=alpha),
             energy,
+            data,
             learner.rtol,
             learner.atol,
             learner.max_steps,
         )
-        g, info = least_control_grad(
+        g, info = lcp.least_control_grad(
             learner.vector_field,
             lambda p, data: learner.mse(p, data[2], data[3]),
             omega,
             phi,
-            (xs, ys, xq, yq),
+            data,
             controller=controller,
             solver=_default_meta_solver(omega) if solver is None else solver,
             max_steps=max_steps,
             throw=False,
         )
-        ok = (info.result == RESULTS.successful).astype(g.dtype)
+        ok = (info.result == lcp.RESULTS.successful).astype(g.dtype)
         # The same post-adaptation query MSE (at the learner's φ*) as the others.
         return g, dict(
             query_mse=learner.mse(phi, xq, yq),
@@ -360,11 +378,11 @@ def meta_train(
     dtype=None,
 ) -> dict[str, Any]:
     """Meta-train the slow weights `ω` with Adam and one of the meta-gradients of
-    [`lcp_solvers.models.meta_gradient`][], then report the post-adaptation query MSE
-    on `test_tasks` fresh tasks (the same held-out tasks for every method with the
-    same `key`). Each method is tested with the inner learner it was meta-trained
-    for: `descend` (`inner_steps`, `inner_lr`) for `"fomaml"` and `"reptile"`, the
-    complex synapse's `φ*(ω)` (`lam`) for the others.
+    [`lcp_solvers.experiments.meta_gradient`][], then report the post-adaptation
+    query MSE on `test_tasks` fresh tasks (the same held-out tasks for every method
+    with the same `key`). Each method is tested with the inner learner it was
+    meta-trained for: `descend` (`inner_steps`, `inner_lr`) for `"fomaml"` and
+    `"reptile"`, the complex synapse's `φ*(ω)` (`lam`) for the others.
 
     **Returns:**
 

@@ -1,12 +1,15 @@
 """The paper's experiments as reusable pieces: offline data, the equilibrium network,
 its update rules (recurrent backprop and the least-control variants), and the
-few-shot meta-learning task with complex synapses.
+few-shot meta-learning task with complex synapses, and the `lcp-solvers` command.
+
+They sit on top of the library and use only its public names (`import lcp_solvers as
+lcp`); the library itself never imports this subpackage.
 
 Needs the `examples` extra (`optax`, `scikit-learn`, `mnist1d`) for training and data;
 importing `lcp_solvers` itself never imports them.
 """
 
-from .._data import (
+from ._data import (
     Dataset as Dataset,
     load_dataset as load_dataset,
     load_digits as load_digits,
