@@ -3,31 +3,21 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
-from equinox.internal._primitive import _missing_dynamic
-from jax._src.interpreters.batching import fancy_primitive_batchers as _batchers
-from jax.core import ShapedArray
-from jax.interpreters import ad
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, PyTree
 
 from ._anderson import AndersonAcceleration
-from ._misc import (
-    is_none,
-    theta_vjp,
-    tree_allfinite,
-    tree_float_dtype,
-    tree_rms,
-    tree_scale,
-)
-from ._solution import RESULTS
-
-
-_FixedPointOrRoot = optx.AbstractFixedPointSolver | optx.AbstractRootFinder
+from ._dropin import check_strength, least_control_cotangent
+from ._engine import resolve_tolerances
+from ._inner_solver import as_inner_solver, DiscreteTime, InnerSolver
+from ._misc import is_none, theta_vjp
 
 
 class LeastControlAdjoint(optx.AbstractAdjoint):
@@ -90,29 +80,17 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
     and shared parameters get one batched VJP rather than per-sample gradients.
     """
 
-    strength: float = 1e-3
-    solver: _FixedPointOrRoot | None = None
+    strength: float | Array = 1e-3
+    solver: InnerSolver | None = None
     rtol: float | None = None
     atol: float | None = None
-    max_steps: int | None = eqx.field(static=True, default=1024)
+    max_steps: int = eqx.field(static=True, default=1024)
     throw: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
-        if isinstance(self.strength, (int, float)) and not self.strength > 0:
-            raise ValueError(
-                f"`LeastControlAdjoint(strength=...)` must be positive, got "
-                f"{self.strength}. Use a small value such as 1e-6 to recover the "
-                "implicit gradient."
-            )
-        if self.solver is not None and not isinstance(
-            self.solver, (optx.AbstractFixedPointSolver, optx.AbstractRootFinder)
-        ):
-            raise ValueError(
-                "`LeastControlAdjoint(solver=...)` must be an optimistix fixed-point "
-                "solver (e.g. `lcp.AndersonAcceleration`, `optx.FixedPointIteration`) "
-                "or root finder (e.g. `optx.Newton`), got "
-                f"{type(self.solver).__name__}."
-            )
+        check_strength(self.strength, "LeastControlAdjoint")
+        if self.solver is not None:
+            as_inner_solver(self.solver, "LeastControlAdjoint")
 
     def apply(
         self,
@@ -137,11 +115,11 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
                 "`adjoint=optx.ImplicitAdjoint()`."
             )
         fixed_point_form = isinstance(forward_solver, optx.AbstractFixedPointSolver)
-        inputs = inputs + (ft.partial(eqxi.while_loop, kind="lax"),)
+        inputs = inputs + (_while_loop,)
         root, residual = _least_control_impl(
             primal_fn, rewrite_fn, inputs, self, fixed_point_form
         )
-        return root, jtu.tree_map(eqxi.nondifferentiable_backward, residual)
+        return root, jax.lax.stop_gradient(residual)
 
 
 LeastControlAdjoint.__init__.__doc__ = """**Arguments:**
@@ -172,12 +150,83 @@ def _is_rerouted(solver) -> bool:
     )
 
 
+def _while_loop(cond_fun, body_fun, init_val, *, max_steps=None, **kwargs):
+    # The loop optimistix's forward solve runs in, on `jax.lax.while_loop` (the
+    # forward pass is never differentiated through: the adjoint replaces it).
+    del kwargs
+    if max_steps is None:
+        return lax.while_loop(cond_fun, body_fun, init_val)
+
+    def cond(carry):
+        step, val = carry
+        return (step < max_steps) & cond_fun(val)
+
+    def body(carry):
+        step, val = carry
+        return step + 1, body_fun(val)
+
+    _, out = lax.while_loop(cond, body, (jnp.array(0), init_val))
+    return out
+
+
+def least_control_vjp(
+    f, root, theta, grad_root, *, adjoint, fixed_point_form, forward_solver=None
+):
+    """`-(∂θ f(y_c))ᵀ ψ / β` with the structure of `theta` (`None` where `theta` has
+    no inexact arrays): the drop-in least-control cotangent. Shared by
+    `LeastControlAdjoint` and the jaxopt-style decorators."""
+    y_c, weight = _cotangent(
+        f, root, theta, grad_root, adjoint, fixed_point_form, forward_solver
+    )
+    return theta_vjp(lambda t: f(y_c, t), theta, weight)
+
+
+def _cotangent(
+    f,
+    root,
+    theta,
+    grad_root,
+    adjoint,
+    fixed_point_form,
+    forward_solver,
+    per_sample=False,
+):
+    rtol, atol = resolve_tolerances(adjoint.rtol, adjoint.atol, root, forward_solver)
+    if adjoint.solver is not None:
+        solver = as_inner_solver(adjoint.solver, "LeastControlAdjoint")
+    elif fixed_point_form:
+        # The Euler map of the joint dynamics with step 1 is the joint map
+        # `(y, λ) ↦ (fn(y) + sλ, (∂_y fn)ᵀλ - ĝ)`: one VJP of `fn` per step.
+        solver = DiscreteTime(1.0, AndersonAcceleration(rtol=rtol, atol=atol))
+    else:
+        solver = as_inner_solver(
+            optx.Newton(
+                rtol=rtol, atol=atol, linear_solver=lx.AutoLinearSolver(well_posed=None)
+            ),
+            "LeastControlAdjoint",
+        )
+    return least_control_cotangent(
+        f,
+        root,
+        theta,
+        grad_root,
+        strength=adjoint.strength,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        max_steps=adjoint.max_steps,
+        throw=adjoint.throw,
+        per_sample=per_sample,
+    )
+
+
 # The layer is a custom JVP (like `optx.ImplicitAdjoint`) whose tangent is produced by
 # the linear primitive `_tangent_p`. Evaluating that primitive is the implicit JVP, so
 # forward mode works and gives implicit-function-theorem tangents. Reverse mode
 # transposes it, and the transpose rule is the least-control VJP: this is how a
 # cotangent map that is not linear in the cotangent gets into JAX's reverse mode while
-# forward mode stays available.
+# forward mode stays available. The primitive is built on JAX's public extension
+# points (`jax.extend.core.Primitive`, `jax.interpreters.{ad,batching,mlir}`).
 @eqx.filter_custom_jvp
 def _least_control_impl(primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form):
     del rewrite_fn, adjoint, fixed_point_form
@@ -194,14 +243,8 @@ def _least_control_jvp(primals, tangents):
     root, residual = _least_control_impl(
         primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form
     )
-    (t_root,) = eqxi.filter_primitive_bind(
-        _tangent_p,
-        _Problem(t_diff, root, residual, diff, nondiff),
-        rewrite_fn,
-        adjoint,
-        fixed_point_form,
-        None,
-    )
+    problem = _Problem(t_diff, root, residual, diff, nondiff)
+    t_root = _bind(problem, _Static(rewrite_fn, fixed_point_form), adjoint, None)
     t_residual = jax.custom_derivatives.zero_from_primal(  # pyright: ignore
         residual, symbolic_zeros=True
     )
@@ -216,11 +259,54 @@ class _Problem(eqx.Module):
     nondiff: Any
 
 
+class _Static(eqx.Module):
+    rewrite_fn: Callable = eqx.field(static=True)
+    fixed_point_form: bool = eqx.field(static=True)
+
+
 class _Batching(eqx.Module):
-    # How `_tangent_p` is vectorised when it handles `vmap` itself: `axes` is a
-    # `_Problem` of batch axes (0 or None per array). Static, so hashable.
+    # How `_tangent_p` is vectorised when it handles `vmap` itself: `axes` gives, per
+    # dynamic input, 0 (batched along the leading axis) or None.
     size: int = eqx.field(static=True)
-    axes: Any = eqx.field(static=True)
+    axes: tuple = eqx.field(static=True)
+
+
+class _Missing:
+    # Marks where a dynamic (array) leaf sits among the static leaves.
+    def __repr__(self):
+        return "<dynamic>"
+
+
+_MISSING = _Missing()
+
+
+def _is_leaf(x):
+    return x is None
+
+
+def _split(tree):
+    leaves, treedef = jtu.tree_flatten(tree, is_leaf=_is_leaf)
+    dynamic = [x for x in leaves if eqx.is_array(x) or _is_undefined(x)]
+    static = tuple(
+        _MISSING if (eqx.is_array(x) or _is_undefined(x)) else x for x in leaves
+    )
+    return dynamic, treedef, static
+
+
+def _join(dynamic, treedef, static):
+    it = iter(dynamic)
+    leaves = [next(it) if x is _MISSING else x for x in static]
+    return jtu.tree_unflatten(treedef, leaves)
+
+
+def _bind(problem, static, adjoint, batching_):
+    dynamic, treedef, leaves = _split((problem, static, adjoint))
+    out = _tangent_p.bind(*dynamic, treedef=treedef, static=leaves, batching=batching_)
+    return jtu.tree_unflatten(_out_treedef(problem), out)
+
+
+def _out_treedef(problem):
+    return jtu.tree_structure(problem.root)
 
 
 def _rewrite_at(rewrite_fn, residual, nondiff):
@@ -244,29 +330,35 @@ def _implicit_tangent(problem: _Problem, rewrite_fn):
     return jtu.tree_map(jnp.negative, sol.value)
 
 
-def _tangent_impl(problem, rewrite_fn, adjoint, fixed_point_form, batching):
-    del adjoint, fixed_point_form
+def _tangent_impl(*dynamic, treedef, static, batching):
+    problem, static_, _ = _join(dynamic, treedef, static)
     if batching is None:
-        return (_implicit_tangent(problem, rewrite_fn),)
-    tangent = eqx.filter_vmap(
-        _implicit_tangent, in_axes=(batching.axes, None), axis_size=batching.size
+        out = _implicit_tangent(problem, static_.rewrite_fn)
+    else:
+        axes = _join(batching.axes, treedef, _static_axes(static))[0]
+        out = eqx.filter_vmap(
+            _implicit_tangent, in_axes=(axes, None), axis_size=batching.size
+        )(problem, static_.rewrite_fn)
+    return jtu.tree_leaves(out)
+
+
+def _static_axes(static):
+    # The static leaves of the axes tree: the same structure, every dynamic leaf's
+    # axis given separately.
+    return tuple(_MISSING if x is _MISSING else None for x in static)
+
+
+def _tangent_abstract_eval(*avals, treedef, static, batching):
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    out = jax.eval_shape(
+        ft.partial(_tangent_impl, treedef=treedef, static=static, batching=batching),
+        *structs,
     )
-    return (tangent(problem, rewrite_fn),)
+    return [jax.core.ShapedArray(o.shape, o.dtype) for o in out]
 
 
-def _tangent_abstract_eval(problem, rewrite_fn, adjoint, fixed_point_form, batching):
-    to_struct = lambda x: (
-        jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, ShapedArray) else x
-    )
-    problem, adjoint = jtu.tree_map(to_struct, (problem, adjoint))
-    out = eqx.filter_eval_shape(
-        _tangent_impl, problem, rewrite_fn, adjoint, fixed_point_form, batching
-    )
-    return jtu.tree_map(lambda x: ShapedArray(x.shape, x.dtype), out)
-
-
-def _tangent_jvp(primals, tangents):
-    del primals, tangents
+def _tangent_jvp(primals, tangents, **params):
+    del primals, tangents, params
     raise NotImplementedError(
         "Second-order forward-mode derivatives (e.g. `jax.jacfwd(jax.jacfwd(...))`) "
         "through `LeastControlAdjoint` are not supported: its forward mode is the "
@@ -279,20 +371,18 @@ def _is_undefined(x):
     return isinstance(x, ad.UndefinedPrimal)
 
 
-def _tangent_transpose(inputs, cts_out):
-    problem, rewrite_fn, adjoint, fixed_point_form, batching = inputs
-    (ct_root,) = cts_out
-    forward_solver = eqx.combine(problem.diff, problem.nondiff)[1]
-
-    options = dict(
-        adjoint=adjoint,
-        fixed_point_form=fixed_point_form,
-        forward_solver=forward_solver,
+def _tangent_transpose(cts, *dynamic, treedef, static, batching):
+    problem, static_, adjoint = _join(dynamic, treedef, static)
+    rewrite_fn, fixed_point_form = static_.rewrite_fn, static_.fixed_point_form
+    ct_root = jtu.tree_unflatten(
+        jtu.tree_structure(problem.root),
+        [
+            jnp.zeros(c.aval.shape, c.aval.dtype) if isinstance(c, ad.Zero) else c
+            for c in cts
+        ],
     )
-
-    def equilibrium(root, residual, diff, nondiff, ct):
-        f = _rewrite_at(rewrite_fn, residual, nondiff)
-        return controlled_equilibrium(f, root, diff, ct, **options)
+    forward_solver = eqx.combine(problem.diff, problem.nondiff)[1]
+    options = (adjoint, fixed_point_form, forward_solver)
 
     def dynamics(y, residual, diff, nondiff):
         return _rewrite_at(rewrite_fn, residual, nondiff)(y, diff)
@@ -300,12 +390,10 @@ def _tangent_transpose(inputs, cts_out):
     diff = problem.diff
     if batching is None:
         f = _rewrite_at(rewrite_fn, problem.residual, problem.nondiff)
-        theta_bar = least_control_vjp(f, problem.root, diff, ct_root, **options)
+        y_c, weight = _cotangent(f, problem.root, diff, ct_root, *options)
+        theta_bar = theta_vjp(lambda t: f(y_c, t), diff, weight)
     else:
-        # Solve each sample's controlled equilibrium on its own (its own cotangent
-        # scale), then take one VJP of the vectorised dynamics: JAX contracts over the
-        # batch for shared parameters instead of forming a per-sample gradient.
-        axes = batching.axes
+        axes = _join(batching.axes, treedef, _static_axes(static))[0]
         t_batched = jtu.tree_map(
             lambda t, a: a is not None,
             problem.t_diff,
@@ -337,23 +425,30 @@ def _tangent_transpose(inputs, cts_out):
             root = jtu.tree_map(
                 lambda x: jnp.broadcast_to(x, (batching.size,) + x.shape), root
             )
-        solver = _controlled_solver(adjoint, fixed_point_form, forward_solver)
-        if isinstance(solver, optx.AbstractFixedPointSolver):
+        if (
+            fixed_point_form
+            and adjoint.solver is None
+            or isinstance(adjoint.solver, optx.AbstractFixedPointSolver)
+        ):
             # All samples' controlled equilibria are solved as one system (each with
             # its own cotangent scale) rather than by a vectorised solver: a
             # `vmap`ped loop carries and masks every sample's solver state at every
             # step, which costs more than the solve itself on small problems.
-            y_c, weight = controlled_equilibrium(
+            y_c, weight = _cotangent(
                 lambda y, d: batched_dynamics(y, problem.residual, d, problem.nondiff),
                 root,
                 diff,
                 ct_root,
+                *options,
                 per_sample=True,
-                **options,
             )
         else:
             # A root finder (e.g. Newton's dense Jacobian) must not see the batch as
             # one system: its linear algebra would couple all samples. Vectorise it.
+            def equilibrium(root, residual, diff, nondiff, ct):
+                f = _rewrite_at(rewrite_fn, residual, nondiff)
+                return _cotangent(f, root, diff, ct, *options)
+
             y_c, weight = eqx.filter_vmap(
                 equilibrium, in_axes=in_axes + (0,), axis_size=batching.size
             )(root, problem.residual, diff, problem.nondiff, ct_root)
@@ -369,200 +464,75 @@ def _tangent_transpose(inputs, cts_out):
             diff_axes,
             is_leaf=is_none,
         )
-    ct_t_diff = jtu.tree_map(
-        lambda t, g: g if _is_undefined(t) else None,
+    # One cotangent per dynamic input: the tangents' where they are undefined
+    # (the linear inputs), None for everything else.
+    ct_by_id = {}
+
+    def record(t, g):
+        if _is_undefined(t):
+            ct_by_id[id(t)] = g
+
+    jtu.tree_map(
+        record,
         problem.t_diff,
         theta_bar,
         is_leaf=lambda x: x is None or _is_undefined(x),
     )
-    none = lambda tree: jtu.tree_map(lambda _: None, tree)
-    ct_problem = _Problem(
-        ct_t_diff,
-        none(problem.root),
-        none(problem.residual),
-        none(problem.diff),
-        none(problem.nondiff),
-    )
-    return ct_problem, none(rewrite_fn), none(adjoint), None, none(batching)
+    return [
+        (ad.Zero(x.aval) if ct_by_id.get(id(x)) is None else ct_by_id[id(x)])
+        if _is_undefined(x)
+        else None
+        for x in dynamic
+    ]
 
 
-_tangent_p = eqxi.create_vprim(
-    "least_control_tangent",
-    eqxi.filter_primitive_def(_tangent_impl),
-    eqxi.filter_primitive_def(_tangent_abstract_eval),
-    eqxi.filter_primitive_jvp(_tangent_jvp),
-    eqxi.filter_primitive_transpose(materialise_zeros=True)(_tangent_transpose),  # pyright: ignore
-)
-_generic_batch_rule = _batchers[_tangent_p]
+def _nones(tree):
+    return jtu.tree_map(lambda _: None, tree)
 
 
-def _tangent_batch_rule(axis_data, values, dims, *, treedef, static, flatten):
-    params = dict(treedef=treedef, static=static, flatten=flatten)
-    if all(d is None for d in dims):
-        return _generic_batch_rule(axis_data, values, dims, **params)
-    values = [v if d is None else jnp.moveaxis(v, d, 0) for v, d in zip(values, dims)]
-    dims = [None if d is None else 0 for d in dims]
-    iter_values, iter_dims = iter(values), iter(dims)
-    flat = [next(iter_values) if x is _missing_dynamic else x for x in static]
-    flat_dims = [next(iter_dims) if x is _missing_dynamic else None for x in static]
-    problem, rewrite_fn, adjoint, fixed_point_form, batching = jtu.tree_unflatten(
-        treedef, flat
-    )
-    if batching is not None:
-        # Nested `vmap`: let equinox vectorise the already-batched primitive.
-        # Tangents of unbatched parameters are broadcast so that their per-sample
-        # cotangents have somewhere to go (JAX transposes the broadcast into a sum).
-        num_t = treedef.children()[0].children()[0].num_leaves
-        num_t_dynamic = sum(1 for x in static[:num_t] if x is _missing_dynamic)
-        for i in range(num_t_dynamic):
-            if dims[i] is None:
-                x = values[i]
-                values[i] = jnp.broadcast_to(x[None], (axis_data.size,) + x.shape)
-                dims[i] = 0
-        return _generic_batch_rule(axis_data, tuple(values), tuple(dims), **params)
-    axes = jtu.tree_unflatten(treedef, flat_dims)[0]
-    batching = _Batching(axis_data.size, axes)
-    out = eqxi.filter_primitive_bind(
-        _tangent_p, problem, rewrite_fn, adjoint, fixed_point_form, batching
-    )
-    flat_out = jtu.tree_leaves(out)
-    return flat_out, [0] * len(flat_out)
-
-
-_batchers[_tangent_p] = _tangent_batch_rule
-
-
-def controlled_equilibrium(
-    f: Callable[[PyTree[Array], PyTree], PyTree[Array]],
-    root: PyTree[Array],
-    theta: PyTree,
-    grad_root: PyTree[Array],
-    *,
-    adjoint: LeastControlAdjoint,
-    fixed_point_form: bool,
-    forward_solver: Any = None,
-    per_sample: bool = False,
-) -> tuple[PyTree[Array], PyTree[Array]]:
-    """Solves the leaky least-control system for the dynamics `f(y, theta)` at the
-    equilibrium `root` with cotangent `grad_root`.
-
-    With `per_sample=True` the leading axis of `root` and `grad_root` indexes
-    independent samples: each gets its own cotangent scale (as under `vmap`).
-
-    **Returns:** `(y_c, w)` with `w = ψ/β` scaled back to the cotangent's units and
-    negated, so that the least-control cotangent is `(∂θ f(y_c, θ))ᵀ w`.
-    """
-    diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
-
-    def f_diff(y, d):
-        return f(y, eqx.combine(d, static_theta))
-
-    g_scale = tree_rms(grad_root, per_sample=per_sample)
-    if adjoint.throw:
-        finite = tree_allfinite(grad_root)
-        g_scale = RESULTS.nonfinite_cotangent.error_if(g_scale, jnp.invert(finite))
-        g_scale = RESULTS.nonfinite_state.error_if(
-            g_scale, jnp.invert(tree_allfinite(root))
+def _tangent_batch(args, dims, *, treedef, static, batching):
+    args = list(args)
+    dims = list(dims)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if batching is None:
+        args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+        axes = tuple(None if d is None else 0 for d in dims)
+        out = _tangent_p.bind(
+            *args, treedef=treedef, static=static, batching=_Batching(size, axes)
         )
-    # An all-zero cotangent has an all-zero update; avoid dividing by zero.
-    safe_scale = jnp.where(g_scale > 0, g_scale, 1)
-    g_hat = tree_scale(grad_root, 1 / safe_scale)
-    strength = jnp.asarray(adjoint.strength, dtype=tree_float_dtype(root))
-
-    solver = _controlled_solver(adjoint, fixed_point_form, forward_solver)
-    lam0 = jtu.tree_map(jnp.zeros_like, root)
-
-    def joint_residual(z, d):
-        y, lam = z
-        # One VJP per step gives both f(y) and (∂y f)ᵀ λ.
-        f_y, vjp = jax.vjp(lambda _y: f_diff(_y, d), y)
-        (jt_lam,) = vjp(lam)
-        r1 = jtu.tree_map(lambda a, c: a + strength * c, f_y, lam)
-        r2 = jtu.tree_map(jnp.subtract, jt_lam, g_hat)
-        return r1, r2
-
-    if isinstance(solver, optx.AbstractFixedPointSolver):
-
-        def joint_map(z, d):
-            return jtu.tree_map(jnp.add, z, joint_residual(z, d))
-
-        sol = optx.fixed_point(
-            joint_map,
-            solver,
-            (root, lam0),
-            diff_theta,
-            max_steps=adjoint.max_steps,
-            throw=False,
-        )
-    else:
-        sol = optx.root_find(
-            joint_residual,
-            solver,
-            (root, lam0),
-            diff_theta,
-            max_steps=adjoint.max_steps,
-            throw=False,
-        )
-    y_c, lam = sol.value
-    result = RESULTS.promote(sol.result)
-    result = RESULTS.where(
-        result == RESULTS.nonlinear_max_steps_reached,
-        RESULTS.control_max_steps_reached,
-        result,
+        return out, [0] * len(out)
+    # Nested `vmap`: merge the new batch axis with the one already handled into one
+    # batch of `size * inner` samples, as if vectorised once.
+    inner = batching.size
+    merged_args, merged_axes = [], []
+    for a, d, a1 in zip(args, dims, batching.axes):
+        if d is None and a1 is None:
+            merged_args.append(a)
+            merged_axes.append(None)
+            continue
+        if d is None:
+            a = jnp.broadcast_to(a[None], (size,) + a.shape)
+        else:
+            a = jnp.moveaxis(a, d, 0)
+        if a1 is None:
+            a = jnp.broadcast_to(a[:, None], (size, inner) + a.shape[1:])
+        merged_args.append(a.reshape((size * inner,) + a.shape[2:]))
+        merged_axes.append(0)
+    out = _tangent_p.bind(
+        *merged_args,
+        treedef=treedef,
+        static=static,
+        batching=_Batching(size * inner, tuple(merged_axes)),
     )
-    result = RESULTS.where(
-        (result == RESULTS.nonlinear_divergence) | (result == RESULTS.nonfinite),
-        RESULTS.control_divergence,
-        result,
-    )
-    if adjoint.throw:
-        lam = result.error_if(lam, result != RESULTS.successful)
-    return y_c, tree_scale(lam, -g_scale)
+    out = [o.reshape((size, inner) + o.shape[1:]) for o in out]
+    return out, [0] * len(out)
 
 
-def least_control_vjp(
-    f: Callable[[PyTree[Array], PyTree], PyTree[Array]],
-    root: PyTree[Array],
-    theta: PyTree,
-    grad_root: PyTree[Array],
-    *,
-    adjoint: LeastControlAdjoint,
-    fixed_point_form: bool,
-    forward_solver: Any = None,
-) -> PyTree:
-    """The least-control vector-Jacobian product for the dynamics `f(y, theta)`,
-    equilibrium `root` and cotangent `grad_root`: returns `-(∂θ f(y_c))ᵀ ψ / β` with the
-    structure of `theta` (`None` where `theta` has no inexact arrays).
-
-    Shared by `LeastControlAdjoint` and the jaxopt-style decorators.
-    """
-    y_c, weight = controlled_equilibrium(
-        f,
-        root,
-        theta,
-        grad_root,
-        adjoint=adjoint,
-        fixed_point_form=fixed_point_form,
-        forward_solver=forward_solver,
-    )
-    return theta_vjp(lambda t: f(y_c, t), theta, weight)
-
-
-def _controlled_solver(adjoint, fixed_point_form, forward_solver):
-    if adjoint.solver is not None:
-        return adjoint.solver
-    rtol, atol = adjoint.rtol, adjoint.atol
-    if rtol is None:
-        rtol = getattr(forward_solver, "rtol", None)
-    if atol is None:
-        atol = getattr(forward_solver, "atol", None)
-    if rtol is None or atol is None:
-        raise ValueError(
-            "`LeastControlAdjoint` could not read `rtol`/`atol` from the forward "
-            "solver; pass `LeastControlAdjoint(rtol=..., atol=...)`."
-        )
-    if fixed_point_form:
-        return AndersonAcceleration(rtol=rtol, atol=atol)
-    return optx.Newton(
-        rtol=rtol, atol=atol, linear_solver=lx.AutoLinearSolver(well_posed=None)
-    )
+_tangent_p = Primitive("least_control_tangent")
+_tangent_p.multiple_results = True
+_tangent_p.def_impl(_tangent_impl)
+_tangent_p.def_abstract_eval(_tangent_abstract_eval)
+mlir.register_lowering(_tangent_p, mlir.lower_fun(_tangent_impl, multiple_results=True))
+ad.primitive_jvps[_tangent_p] = _tangent_jvp
+ad.primitive_transposes[_tangent_p] = _tangent_transpose
+batching.primitive_batchers[_tangent_p] = _tangent_batch

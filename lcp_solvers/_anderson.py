@@ -31,6 +31,20 @@ def _spd_solve(a: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " 
     return jnp.stack(x)
 
 
+def _ravel_real(tree: PyTree[Array]) -> tuple[Array, Callable]:
+    """Flattens a pytree into one real vector (a complex leaf as its real and
+    imaginary parts), so that the mixing is a real least-squares problem."""
+    flat, unravel = jfu.ravel_pytree(tree)
+    if not jnp.iscomplexobj(flat):
+        return flat, unravel
+    n = flat.size
+
+    def unravel_complex(v):
+        return unravel(jax.lax.complex(v[:n], v[n:]))
+
+    return jnp.concatenate([flat.real, flat.imag]), unravel_complex
+
+
 class _AndersonState(eqx.Module):
     # Ring buffers of the last `history_length` images g_i = G(x_i) and residuals
     # r_i = g_i - x_i, flattened so that the mixing is a small dense least-squares
@@ -82,7 +96,7 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
         tags: frozenset[object],
     ) -> _AndersonState:
         del fn, args, options, f_struct, aux_struct, tags
-        flat, _ = jfu.ravel_pytree(y)
+        flat, _ = _ravel_real(y)
         m = self.history_length
         buf = jnp.zeros((m, flat.size), flat.dtype)
         return _AndersonState(
@@ -104,8 +118,8 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
     ) -> tuple[PyTree[Array], _AndersonState, Any]:
         del options, tags
         g, aux = fn(y, args)
-        x_flat, unravel = jfu.ravel_pytree(y)
-        g_flat, _ = jfu.ravel_pytree(g)
+        x_flat, unravel = _ravel_real(y)
+        g_flat, _ = _ravel_real(g)
         g_flat = g_flat.astype(x_flat.dtype)
         m = self.history_length
         slot = state.count % m
@@ -142,7 +156,7 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
 
         with jax.numpy_dtype_promotion("standard"):
             scale = self.atol + self.rtol * jnp.abs(g_flat)
-            relative_error = self.norm(r_flat / scale)
+            relative_error = self.norm(r_flat / scale).astype(r_flat.dtype)
         new_state = _AndersonState(
             gs=gs, rs=rs, gram=gram, count=count, relative_error=relative_error
         )

@@ -2,84 +2,41 @@ import abc
 from collections.abc import Callable
 
 import equinox as eqx
-import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-
-class _System(eqx.Module):
-    """The free dynamics and the loss at fixed `theta`/`args`, plus the output mask.
-
-    `mask` is 1 on the output components (where the loss depends on the state) and 0
-    elsewhere; see `_output_mask`.
-    """
-
-    fn: Callable
-    loss_fn: Callable
-    theta: PyTree
-    args: PyTree
-    mask: PyTree[Array]
-
-    def f(self, phi):
-        return self.fn(phi, self.theta, self.args)
-
-    def f_and_vjp(self, phi):
-        return jax.vjp(self.f, phi)
-
-    def loss(self, phi):
-        return self.loss_fn(phi, self.args)
-
-    def grad_loss(self, phi):
-        return jax.grad(self.loss)(phi)
-
-    # Names of the public `lcp.ControlledSystem` (being introduced).
-    def loss_grad(self, phi):
-        return self.grad_loss(phi)
-
-    @property
-    def output_mask(self):
-        return self.mask
+from ._system import ControlledSystem
 
 
-def _output_mask(loss_fn, phi, args):
-    """1 where the loss depends on the state, 0 elsewhere, detected at `phi`.
-
-    A component is an output if its loss gradient or a generic Hessian probe is
-    nonzero there; components the loss never reads have both identically zero.
-    """
-    grad = jax.grad(lambda p: loss_fn(p, args))
-    # A fixed, generic probe (a low-discrepancy sequence in [0.5, 1.5)): no exact
-    # cancellation in the Hessian product, and cheaper than drawing random numbers.
-    probe = jtu.tree_map(
-        lambda x: (
-            (0.5 + jnp.mod(0.1234 + 0.6180339887 * jnp.arange(x.size), 1.0))
-            .reshape(x.shape)
-            .astype(x.dtype)
-        ),
-        phi,
-    )
-    g, hp = jax.jvp(grad, (phi,), (probe,))
-    return jtu.tree_map(lambda a, b: ((a != 0) | (b != 0)).astype(a.dtype), g, hp)
+def _like(a, x):
+    # `a` (a mask, a leak) in the dtype of `x`: strict dtype promotion lets no real
+    # array meet a complex or lower-precision state implicitly.
+    return jnp.asarray(a).astype(x.dtype)
 
 
-def _u_velocity(sys, phi, u, alpha):
+def _u_velocity(system: ControlledSystem, phi, u, alpha):
     # The output controller is a leaky integral of -∇L on the output components. On
     # the others ∇L vanishes identically and, at alpha = 0, nothing would pin u down
     # in a root formulation; there it relaxes to 0 instead, which is where the
     # dynamics started from zero keep it anyway.
-    g = sys.grad_loss(phi)
-    return jtu.tree_map(
-        lambda gi, ui, m: m * (-gi - alpha * ui) - (1 - m) * ui, g, u, sys.mask
-    )
+    g = system.loss_grad(phi)
+
+    def velocity(gi, ui, m):
+        m = _like(m, ui)
+        return m * (-gi - _like(alpha, ui) * ui) - (1 - m) * ui
+
+    return jtu.tree_map(velocity, g, u, system.output_mask)
 
 
-def _proportional_u(sys, phi, alpha):
+def _proportional_u(system: ControlledSystem, phi, alpha):
     # u = -∇L/α on the outputs: the proportional controller, and any leaky output
     # controller's steady state.
-    g = sys.grad_loss(phi)
-    return jtu.tree_map(lambda gi, m: -m * gi / alpha, g, sys.mask)
+    g = system.loss_grad(phi)
+    return jtu.tree_map(
+        lambda gi, m: -_like(m, gi) * gi / _like(alpha, gi), g, system.output_mask
+    )
 
 
 def _inverse_or_zero(alpha):
@@ -92,30 +49,41 @@ def _add(a, b):
 
 
 class AbstractController(eqx.Module):
-    """Base class for the controllers of [`lcp_solvers.least_control_grad`][].
+    """Base class for the controllers of [`lcp_solvers.least_control_grad`][] and
+    [`lcp_solvers.least_control_objective`][].
 
-    A controller is a dynamical system on an extended state (always starting with
-    `phi`) whose steady state is the controlled equilibrium. It defines the
-    continuous-time velocity (used by `lcp.ContinuousTime` and, as an Euler map, by
-    `lcp.DiscreteTime`), the steady-state residual (used by root finders such as
-    `optx.Newton`), and how to read `(phi, psi, u)` off a steady state.
+    A controller is a dynamical system on an extended state whose steady state is the
+    controlled equilibrium (DESIGN §1, "Controllers"). The extended state is a tuple
+    `(phi, *controls)`: the state `phi` first, then the controller's own variables
+    (e.g. `(phi, psi, u)` for integral dynamic inversion). Every entry point solves
+    for the steady state with an inner solver, in units where the controls are
+    divided by the scale of the learning signal (so tolerances are relative to it).
+
+    A new controller implements `init`, `velocity` and `unpack` (and `loss_weight`
+    if its objective weighs the loss); every inner solver that follows the dynamics
+    or finds the root of `residual` then works with it. A solver that needs more
+    declares it as a capability class, e.g. [`lcp_solvers.IMEX`][] accepts
+    controllers that subclass [`lcp_solvers.AbstractImexController`][].
+
+    Every method receives the [`lcp_solvers.ControlledSystem`][] `system`.
     """
 
     @abc.abstractmethod
-    def init(self, sys: _System, phi: PyTree[Array]) -> PyTree[Array]:
-        """The extended state with the control switched off, at state `phi`."""
+    def init(self, system: ControlledSystem, phi: PyTree[Array]) -> tuple:
+        """The extended state `(phi, *controls)` with the control switched off."""
 
     @abc.abstractmethod
-    def velocity(self, sys: _System, state: PyTree[Array]) -> PyTree[Array]:
+    def velocity(self, system: ControlledSystem, state: tuple) -> tuple:
         """The time derivative of the extended state."""
 
-    def residual(self, sys: _System, state: PyTree[Array]) -> PyTree[Array]:
-        """A function whose root is the controlled equilibrium (default: velocity)."""
-        return self.velocity(sys, state)
+    def residual(self, system: ControlledSystem, state: tuple) -> tuple:
+        """A function whose root is the controlled equilibrium (default: velocity),
+        used by root finders such as `optx.Newton`."""
+        return self.velocity(system, state)
 
     @abc.abstractmethod
     def unpack(
-        self, sys: _System, state: PyTree[Array]
+        self, system: ControlledSystem, state: tuple
     ) -> tuple[PyTree[Array], PyTree[Array], PyTree[Array]]:
         """`(phi, psi, u)` at a (steady) state: the state, the control `psi` added to
         the free velocity, and the output controller `u` (zero off the outputs)."""
@@ -123,39 +91,42 @@ class AbstractController(eqx.Module):
     def loss_weight(self) -> Array:
         """`w` in the objective `½‖ψ⋆‖² + w·L(φ⋆)` whose gradient is the update: `0`
         for perfect control, `1/α` for a leaky output controller, `β` for
-        [`lcp_solvers.EnergyBased`][]."""
+        [`lcp_solvers.EnergyBased`][]. The controls' scale is `w·rms(∇L)` (or
+        `rms(∇L)` when `w = 0`)."""
         return jnp.asarray(0.0)
 
-    def imex_state(self, sys: _System, state: PyTree[Array]) -> PyTree[Array]:
-        """The part of the extended state that `lcp.IMEX` iterates (default: all)."""
-        return state
 
-    def imex_full(self, sys: _System, state: PyTree[Array]) -> PyTree[Array]:
-        """The extended state back from `imex_state`'s part, at a steady state."""
-        return state
+class AbstractImexController(AbstractController):
+    """Capability of a controller whose loss enters the dynamics only through its
+    gradient on a symmetric pathway, so that [`lcp_solvers.IMEX`][] can treat the loss
+    implicitly. [`lcp_solvers.DynamicInversion`][] and [`lcp_solvers.EnergyBased`][]
+    have it; [`lcp_solvers.LinearFeedback`][] does not (`Q` is not symmetric).
+    """
 
+    @abc.abstractmethod
     def imex_step(
         self,
-        sys: _System,
-        state: PyTree[Array],
+        system: ControlledSystem,
+        state: tuple,
         step_size: float,
         output_gain: float,
         loss_step: Callable,
-    ) -> PyTree[Array]:
-        """One step of `lcp.IMEX`: an Euler step of the dynamics with the loss term
-        implicit, the output controller's rate multiplied by `output_gain`.
-        `loss_step(phi, v, c)` returns `z` with `z = v - c∇L(z)`. Its fixed points
-        must be the steady states of `velocity`."""
-        raise ValueError(
-            f"`lcp.IMEX` does not support the controller {type(self).__name__}: it "
-            "needs the loss to enter the state through a symmetric (gradient) "
-            "pathway, as in `lcp.DynamicInversion` and `lcp.EnergyBased`. Use "
-            "`lcp.DiscreteTime(step_size, lcp.AndersonAcceleration(rtol, atol))` or "
-            "the default `optx.Newton` for this controller."
-        )
+    ) -> tuple:
+        """One IMEX step: an Euler step of the dynamics with the loss term implicit,
+        the output controller's rate multiplied by `output_gain`. `loss_step(phi, v,
+        c)` returns `z` with `z = v - c∇L(z)`. Its fixed points must be the steady
+        states of `velocity` (on the part of the state `imex_init` keeps)."""
+
+    def imex_init(self, system: ControlledSystem, state: tuple) -> tuple:
+        """The part of the extended state that IMEX iterates (default: all)."""
+        return state
+
+    def imex_final(self, system: ControlledSystem, state: tuple) -> tuple:
+        """The extended state back from `imex_init`'s part, at a steady state."""
+        return state
 
 
-class DynamicInversion(AbstractController):
+class DynamicInversion(AbstractImexController):
     r"""Dynamic inversion (DI): the exact general-purpose least-control controller.
 
     $$\dot φ = f(φ, θ) + ψ,\qquad \dot ψ = (∂_φ f)^\top ψ + u,\qquad
@@ -197,27 +168,32 @@ class DynamicInversion(AbstractController):
     def loss_weight(self):
         return _inverse_or_zero(self.alpha)
 
-    def _jt_psi(self, sys, phi, psi):
+    def _jt_psi(self, system, phi, psi):
         if self.feedback is None:
-            f_phi, vjp = sys.f_and_vjp(phi)
+            f_phi, vjp = system.velocity_and_vjp(phi)
             (jt,) = vjp(psi)
         else:
-            f_phi = sys.f(phi)
-            jt = self.feedback(phi, sys.theta, sys.args, psi)
+            f_phi = system.velocity(phi)
+            jt = self.feedback(phi, system.theta, system.args, psi)
         return f_phi, jt
 
-    def init(self, sys, phi):
+    def init(self, system, phi):
         zeros = jtu.tree_map(jnp.zeros_like, phi)
+        # Proportional control needs no memory of its own: u = -∇L/α is a function
+        # of the state, so only (φ, ψ) are unknowns.
+        if self.proportional:
+            return phi, zeros
         return phi, zeros, zeros
 
-    def velocity(self, sys, state):
-        phi, psi, u = state
-        f_phi, jt = self._jt_psi(sys, phi, psi)
+    def velocity(self, system, state):
         if self.proportional:
-            u_p = _proportional_u(sys, phi, self.alpha)
-            u_dot = jtu.tree_map(jnp.subtract, u_p, u)
-            return _add(f_phi, psi), _add(jt, u_p), u_dot
-        u_dot = _u_velocity(sys, phi, u, self.alpha)
+            phi, psi = state
+            f_phi, jt = self._jt_psi(system, phi, psi)
+            u = _proportional_u(system, phi, self.alpha)
+            return _add(f_phi, psi), _add(jt, u)
+        phi, psi, u = state
+        f_phi, jt = self._jt_psi(system, phi, psi)
+        u_dot = _u_velocity(system, phi, u, self.alpha)
         return _add(f_phi, psi), _add(jt, u), u_dot
 
     # With alpha > 0 the steady state has u = -∇L/α, a function of the state, whether
@@ -228,16 +204,16 @@ class DynamicInversion(AbstractController):
         static_positive = isinstance(self.alpha, (int, float)) and self.alpha > 0
         return self.proportional or static_positive
 
-    def imex_state(self, sys, state):
+    def imex_init(self, system, state):
         return state[:2] if self._imex_eliminates_u() else state
 
-    def imex_full(self, sys, state):
-        if not self._imex_eliminates_u():
+    def imex_final(self, system, state):
+        if self.proportional or not self._imex_eliminates_u():
             return state
         phi, psi = state
-        return phi, psi, _proportional_u(sys, phi, self.alpha)
+        return phi, psi, _proportional_u(system, phi, self.alpha)
 
-    def imex_step(self, sys, state, step_size, output_gain, loss_step):
+    def imex_step(self, system, state, step_size, output_gain, loss_step):
         # The Euler step of (φ, ψ, u) with u (hence ∇L) at the new state:
         #   ψ' = ψ + h(Jᵀψ + u'),  φ' = φ + h(f + ψ'),  u' from ∇L(φ'),
         # so φ' = v - c∇L(φ') with v, c below, and ψ' = (φ' - φ - hf)/h. At a fixed
@@ -247,7 +223,7 @@ class DynamicInversion(AbstractController):
         h = step_size
         hu = step_size * output_gain
         phi, psi, *rest = state
-        f_phi, jt = self._jt_psi(sys, phi, psi)
+        f_phi, jt = self._jt_psi(system, phi, psi)
         a = jtu.tree_map(lambda p, fp: p + h * fp, phi, f_phi)
         b = jtu.tree_map(lambda s, j: s + h * j, psi, jt)
         if self._imex_eliminates_u():
@@ -260,22 +236,30 @@ class DynamicInversion(AbstractController):
         (u,) = rest
         k = 1 / (1 + hu * self.alpha)
         u_explicit = jtu.tree_map(
-            lambda ui, m: m * k * ui + (1 - m) * ui / (1 + hu), u, sys.mask
+            lambda ui, m: _like(m, ui) * k * ui + (1 - _like(m, ui)) * ui / (1 + hu),
+            u,
+            system.output_mask,
         )
         v = jtu.tree_map(lambda ai, bi, ue: ai + h * bi + h * h * ue, a, b, u_explicit)
         phi_new = loss_step(phi, v, h * h * hu * k)
         psi_new = jtu.tree_map(lambda z, ai: (z - ai) / h, phi_new, a)
-        g = sys.grad_loss(phi_new)
+        g = system.loss_grad(phi_new)
         u_new = jtu.tree_map(
-            lambda ue, gi, m: ue - m * hu * k * gi, u_explicit, g, sys.mask
+            lambda ue, gi, m: ue - _like(m, gi) * hu * k * gi,
+            u_explicit,
+            g,
+            system.output_mask,
         )
         return phi_new, psi_new, u_new
 
-    def unpack(self, sys, state):
+    def unpack(self, system, state):
+        if self.proportional:
+            phi, psi = state
+            return phi, psi, _proportional_u(system, phi, self.alpha)
         return state
 
 
-class EnergyBased(AbstractController):
+class EnergyBased(AbstractImexController):
     r"""Energy-based dynamics (EBD): gradient flow on
     $F_β(φ) = ½‖f(φ, θ)‖² + β L(φ)$,
 
@@ -302,28 +286,35 @@ class EnergyBased(AbstractController):
     def loss_weight(self):
         return jnp.asarray(self.beta)
 
-    def init(self, sys, phi):
-        return phi
+    def init(self, system, phi):
+        return (phi,)
 
-    def velocity(self, sys, state):
-        f_phi, vjp = sys.f_and_vjp(state)
+    def velocity(self, system, state):
+        (phi,) = state
+        f_phi, vjp = system.velocity_and_vjp(phi)
         (jt_f,) = vjp(f_phi)
-        g = sys.grad_loss(state)
-        return jtu.tree_map(lambda a, b: -a - self.beta * b, jt_f, g)
+        g = system.loss_grad(phi)
+        return (jtu.tree_map(lambda a, b: -a - _like(self.beta, b) * b, jt_f, g),)
 
-    def imex_step(self, sys, state, step_size, output_gain, loss_step):
+    def imex_step(self, system, state, step_size, output_gain, loss_step):
         del output_gain  # no output controller: u = -β∇L is instantaneous
         # A proximal-gradient step: explicit on ½‖f‖², implicit on βL.
-        f_phi, vjp = sys.f_and_vjp(state)
+        (phi,) = state
+        f_phi, vjp = system.velocity_and_vjp(phi)
         (jt_f,) = vjp(f_phi)
-        v = jtu.tree_map(lambda p, j: p - step_size * j, state, jt_f)
-        return loss_step(state, v, step_size * self.beta)
+        v = jtu.tree_map(lambda p, j: p - step_size * j, phi, jt_f)
+        return (loss_step(phi, v, step_size * self.beta),)
 
-    def unpack(self, sys, state):
-        psi = jtu.tree_map(jnp.negative, sys.f(state))
-        g = sys.grad_loss(state)
-        u = jtu.tree_map(lambda gi, m: -self.beta * m * gi, g, sys.mask)
-        return state, psi, u
+    def unpack(self, system, state):
+        (phi,) = state
+        psi = jtu.tree_map(jnp.negative, system.velocity(phi))
+        g = system.loss_grad(phi)
+        u = jtu.tree_map(
+            lambda gi, m: -_like(self.beta, gi) * _like(m, gi) * gi,
+            g,
+            system.output_mask,
+        )
+        return phi, psi, u
 
 
 def _apply_q(q, output, u, phi_like):
@@ -378,14 +369,22 @@ class LinearFeedback(AbstractController):
     def loss_weight(self):
         return _inverse_or_zero(self.alpha)
 
-    def init(self, sys, phi):
+    def init(self, system, phi):
+        n = jfu.ravel_pytree(phi)[0].size
+        out = phi if self.output is None else self.output(phi)
+        m = sum(jnp.size(x) for x in jtu.tree_leaves(out))
+        if jnp.shape(self.Q) != (n, m):
+            raise ValueError(
+                f"`LinearFeedback(Q=...)` must have shape (size(phi), "
+                f"size(output(phi))) = ({n}, {m}), got {jnp.shape(self.Q)}."
+            )
         return phi, jtu.tree_map(jnp.zeros_like, phi)
 
-    def velocity(self, sys, state):
+    def velocity(self, system, state):
         phi, u = state
         psi = _apply_q(self.Q, self.output, u, phi)
-        return _add(sys.f(phi), psi), _u_velocity(sys, phi, u, self.alpha)
+        return _add(system.velocity(phi), psi), _u_velocity(system, phi, u, self.alpha)
 
-    def unpack(self, sys, state):
+    def unpack(self, system, state):
         phi, u = state
         return phi, _apply_q(self.Q, self.output, u, phi), u

@@ -1,3 +1,4 @@
+import abc
 import math
 from collections.abc import Callable
 
@@ -9,13 +10,77 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
-from jaxtyping import Array, PyTree
+from jaxtyping import Array
 
-from ._misc import tree_allfinite
+from ._anderson import AndersonAcceleration
+from ._controller import AbstractController, AbstractImexController
 from ._solution import RESULTS
+from ._system import ControlledSystem
 
 
-class DiscreteTime(eqx.Module):
+class SteadyStateProblem(eqx.Module):
+    """What an inner solver is asked to solve: the steady state of a controller's
+    dynamics (or of the free dynamics), in the solver's units.
+
+    The engine hands one to [`lcp_solvers.AbstractInnerSolver.solve`][]. In the
+    solver's units the controls are divided by the scale of the learning signal, so
+    `rtol`/`atol` are relative to it; `to_units`/`from_units` convert an extended
+    state `(phi, *controls)` to and from them.
+
+    **Fields:**
+
+    - `velocity`: `z ↦ ż`, the dynamics in solver units.
+    - `residual`: `z ↦ r(z)`, whose root is the steady state (for root finders).
+    - `system`: the [`lcp_solvers.ControlledSystem`][].
+    - `controller`: the [`lcp_solvers.AbstractController`][], or `None` for the free
+        dynamics `φ̇ = f(φ)` (state `(phi,)`).
+    - `to_units`, `from_units`: the change of units.
+    """
+
+    velocity: Callable
+    residual: Callable
+    system: ControlledSystem
+    controller: AbstractController | None
+    to_units: Callable
+    from_units: Callable
+
+
+class AbstractInnerSolver(eqx.Module):
+    """Base class of the solvers of the controlled (and free) equilibrium.
+
+    A new solver implements `solve` and `divergence_hint`; if it needs more of the
+    controller than its dynamics, it checks for a capability class (as
+    [`lcp_solvers.IMEX`][] checks for [`lcp_solvers.AbstractImexController`][]) and
+    raises a `ValueError` naming the controller otherwise. Any
+    `optx.AbstractRootFinder` (applied to `residual`) and
+    `optx.AbstractFixedPointSolver` (applied to the Euler map, as
+    `lcp.DiscreteTime(1.0, solver)`) is accepted wherever an inner solver is.
+    """
+
+    @abc.abstractmethod
+    def solve(
+        self,
+        problem: SteadyStateProblem,
+        z0: tuple,
+        *,
+        rtol: float,
+        atol: float,
+        max_steps: int,
+    ) -> tuple[tuple, RESULTS, Array]:
+        """Find the steady state from `z0` (solver units). Returns `(z, result,
+        num_steps)`: `result` is `RESULTS.successful`, or an optimistix failure
+        (`nonlinear_max_steps_reached`, `nonlinear_divergence`, ...) that the engine
+        maps to [`lcp_solvers.RESULTS`][]. Never raises on a failed solve."""
+
+    @abc.abstractmethod
+    def divergence_hint(self) -> str:
+        """What to change when the dynamics diverge under this solver."""
+
+    def name(self) -> str:
+        return type(self).__name__
+
+
+class DiscreteTime(AbstractInnerSolver):
     """Discrete-time (Euler/Picard) solver of the controlled equilibrium: iterates the
     Euler map `z ↦ z + step_size · v(z)` of the controller's dynamics `v` to its fixed
     point with an optimistix fixed-point solver.
@@ -28,15 +93,36 @@ class DiscreteTime(eqx.Module):
     **Arguments:**
 
     - `step_size`: the Euler step `h`.
-    - `solver`: an `optx.AbstractFixedPointSolver`; `None` is
-        `optx.FixedPointIteration` with the `rtol`/`atol` of `least_control_grad`.
+    - `solver`: an `optx.AbstractFixedPointSolver`; `None` is plain iteration
+        (`lcp.AndersonAcceleration(rtol, atol, history_length=1)`, which is
+        `optx.FixedPointIteration` without its float32-under-x64 failure) with the
+        `rtol`/`atol` of the entry point.
     """
 
     step_size: float = 0.5
     solver: optx.AbstractFixedPointSolver | None = None
 
+    def solve(self, problem, z0, *, rtol, atol, max_steps):
+        h = self.step_size
 
-class ContinuousTime(eqx.Module):
+        def euler(z):
+            return jtu.tree_map(lambda a, b: a + h * b, z, problem.velocity(z))
+
+        return _iterate(self.solver, euler, z0, rtol, atol, max_steps)
+
+    def divergence_hint(self):
+        return (
+            "lower `step_size` of `lcp.DiscreteTime`, raise `alpha` (weaker "
+            "control), or use the default `solver=None` (optx.Newton) or "
+            "`lcp.ContinuousTime()`, which do not need a step size"
+        )
+
+    def name(self):
+        inner = "plain iteration" if self.solver is None else type(self.solver).__name__
+        return f"DiscreteTime(step_size={self.step_size}, solver={inner})"
+
+
+class ContinuousTime(AbstractInnerSolver):
     """Continuous-time solver of the controlled equilibrium: integrates the
     controller's ODE with diffrax until a steady state
     (`diffrax.Event(diffrax.steady_state_event())`).
@@ -58,6 +144,43 @@ class ContinuousTime(eqx.Module):
     stepsize_controller: diffrax.AbstractStepSizeController | None = None
     dt0: float | None = None
     t1: float = math.inf
+
+    def solve(self, problem, z0, *, rtol, atol, max_steps):
+        controller = self.stepsize_controller
+        if controller is None:
+            controller = diffrax.PIDController(rtol=rtol / 10, atol=atol / 10)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, z, args: problem.velocity(z)),
+            self.solver,
+            t0=0.0,
+            t1=self.t1,
+            dt0=self.dt0,
+            y0=z0,
+            stepsize_controller=controller,
+            event=diffrax.Event(diffrax.steady_state_event(rtol, atol)),
+            saveat=diffrax.SaveAt(t1=True),
+            max_steps=max_steps,
+            throw=False,
+        )
+        z = jtu.tree_map(lambda x: x[-1], sol.ys)
+        # Only the steady-state event counts as success: ending at `t1` or at
+        # `max_steps` means the dynamics had not settled.
+        stopped = sol.result == diffrax.RESULTS.event_occurred
+        result = RESULTS.where(
+            stopped,
+            RESULTS.successful,  # pyright: ignore[reportArgumentType]
+            RESULTS.nonlinear_max_steps_reached,  # pyright: ignore[reportArgumentType]
+        )
+        return z, result, sol.stats["num_steps"]
+
+    def divergence_hint(self):
+        return (
+            "check that the free dynamics f are stable (the free equilibrium "
+            "attracts), raise `alpha`, or use the root finder `optx.Newton`"
+        )
+
+    def name(self):
+        return f"ContinuousTime(solver={type(self.solver).__name__})"
 
 
 def _truncated_cg(matvec, b, steps):
@@ -83,7 +206,7 @@ def _truncated_cg(matvec, b, steps):
     return unravel(x)
 
 
-class IMEX(eqx.Module):
+class IMEX(AbstractInnerSolver):
     r"""Implicit–explicit (IMEX) Euler iteration of the controlled equilibrium: the
     dynamics `f` and its Jacobian-transpose products explicit, the loss implicit.
 
@@ -105,11 +228,13 @@ class IMEX(eqx.Module):
     `z = φ - M(φ - v + c∇L(φ))` with `M ≈ (I + c∇²L(φ))^{-1}`. Any such `M`
     leaves the fixed point exact; its accuracy only sets the speed.
 
-    Supported controllers: [`lcp_solvers.DynamicInversion`][] (all variants,
-    including a `feedback` hook) and [`lcp_solvers.EnergyBased`][] (whose explicit
-    part is a gradient step on `½‖f‖²`, so it converges like gradient descent on the
-    normal equations, slower than DI). The free equilibrium is found with the same
-    Euler map as [`lcp_solvers.DiscreteTime`][].
+    Supported controllers: those with the capability
+    [`lcp_solvers.AbstractImexController`][]: [`lcp_solvers.DynamicInversion`][] (all
+    variants, including a `feedback` hook) and [`lcp_solvers.EnergyBased`][] (whose
+    explicit part is a gradient step on `½‖f‖²`, so it converges like gradient
+    descent on the normal equations, slower than DI). Others raise a `ValueError`.
+    The free equilibrium is found with the same Euler map as
+    [`lcp_solvers.DiscreteTime`][].
 
     **Arguments:**
 
@@ -158,6 +283,51 @@ class IMEX(eqx.Module):
                 f"`IMEX(cg_steps=...)` must be at least 1, got {self.cg_steps}."
             )
 
+    def solve(self, problem, z0, *, rtol, atol, max_steps):
+        controller, system = problem.controller, problem.system
+        if controller is None:
+            free = DiscreteTime(step_size=self.step_size, solver=self.solver)
+            return free.solve(problem, z0, rtol=rtol, atol=atol, max_steps=max_steps)
+        if not isinstance(controller, AbstractImexController):
+            raise ValueError(
+                "`lcp.IMEX` does not support the controller "
+                f"{type(controller).__name__}"
+                ": it needs the loss to enter the state through a symmetric "
+                "(gradient) pathway, i.e. a controller with the capability "
+                "`lcp.AbstractImexController`, such as `lcp.DynamicInversion` and "
+                "`lcp.EnergyBased`. Use `lcp.DiscreteTime(step_size, "
+                "lcp.AndersonAcceleration(rtol, atol))` or the default `optx.Newton` "
+                "for this controller."
+            )
+
+        def loss_step(phi, v, c):
+            return self.loss_step(system.loss_grad, system.output_mask, phi, v, c)
+
+        def step(w):
+            state = controller.imex_step(
+                system,
+                problem.from_units(w),
+                self.step_size,
+                self.output_gain,
+                loss_step,
+            )
+            return problem.to_units(state)
+
+        w0 = problem.to_units(controller.imex_init(system, problem.from_units(z0)))
+        w, result, steps = _iterate(self.solver, step, w0, rtol, atol, max_steps)
+        z = problem.to_units(controller.imex_final(system, problem.from_units(w)))
+        return z, result, steps
+
+    def divergence_hint(self):
+        return (
+            "lower `step_size` of `lcp.IMEX` (the free map φ + h·f(φ) must "
+            "contract), or use the default `solver=None` (optx.Newton) or "
+            "`lcp.ContinuousTime()`"
+        )
+
+    def name(self):
+        return f"IMEX(step_size={self.step_size})"
+
     def loss_step(self, grad_loss, mask, phi, v, c):
         """`z` with `z = v - c ∇L(z)`, by one Newton step from `phi`. `mask` is 1
         on the components the loss depends on: elsewhere `∇²L` vanishes and the step
@@ -182,193 +352,69 @@ class IMEX(eqx.Module):
         )
 
 
-InnerSolver = (
-    optx.AbstractRootFinder | optx.AbstractFixedPointSolver | DiscreteTime
-) | (ContinuousTime | IMEX)
+class _RootFinder(AbstractInnerSolver):
+    # An optimistix root finder on the steady-state residual. `None` is the default
+    # `optx.Newton` with a dense LU solve, built with the entry point's tolerances.
+    solver: optx.AbstractRootFinder | None
 
-
-def check_solver(solver):
-    if solver is None or isinstance(
-        solver,
-        (
-            optx.AbstractRootFinder,
-            optx.AbstractFixedPointSolver,
-            DiscreteTime,
-            ContinuousTime,
-            IMEX,
-        ),
-    ):
-        return
-    raise ValueError(
-        "`least_control_grad(solver=...)` must be `None` (optx.Newton), an "
-        "optimistix root finder (e.g. `optx.Newton`), an optimistix fixed-point "
-        "solver (e.g. `lcp.AndersonAcceleration`, applied to the Euler map), "
-        "`lcp.DiscreteTime(step_size, solver)`, `lcp.IMEX(...)` or "
-        "`lcp.ContinuousTime(...)`, got "
-        f"{type(solver).__name__}."
-    )
-
-
-def solver_name(solver) -> str:
-    if isinstance(solver, DiscreteTime):
-        inner = (
-            "FixedPointIteration"
-            if solver.solver is None
-            else type(solver.solver).__name__
-        )
-        return f"DiscreteTime(step_size={solver.step_size}, solver={inner})"
-    if isinstance(solver, ContinuousTime):
-        return f"ContinuousTime(solver={type(solver.solver).__name__})"
-    if isinstance(solver, IMEX):
-        return f"IMEX(step_size={solver.step_size})"
-    return type(solver).__name__
-
-
-def divergence_fix(solver) -> str:
-    if isinstance(solver, IMEX):
-        return (
-            "lower `step_size` of `lcp.IMEX` (the free map φ + h·f(φ) must "
-            "contract), or use the default `solver=None` (optx.Newton) or "
-            "`lcp.ContinuousTime()`"
-        )
-    if isinstance(solver, DiscreteTime) or isinstance(
-        solver, optx.AbstractFixedPointSolver
-    ):
-        return (
-            "lower `step_size` of `lcp.DiscreteTime`, raise `alpha` (weaker "
-            "control), or use the default `solver=None` (optx.Newton) or "
-            "`lcp.ContinuousTime()`, which do not need a step size"
-        )
-    if isinstance(solver, ContinuousTime):
-        return (
-            "check that the free dynamics f are stable (the free equilibrium "
-            "attracts), raise `alpha`, or use the root finder `optx.Newton`"
-        )
-    return (
-        "raise `alpha` (weaker control), or use `lcp.ContinuousTime()`, which "
-        "follows the controlled dynamics instead of jumping to their root"
-    )
-
-
-def default_solver(rtol, atol):
-    return optx.Newton(
-        rtol=rtol, atol=atol, linear_solver=lx.AutoLinearSolver(well_posed=None)
-    )
-
-
-def solve(
-    solver,
-    velocity: Callable[[PyTree[Array]], PyTree[Array]],
-    residual: Callable[[PyTree[Array]], PyTree[Array]],
-    z0: PyTree[Array],
-    *,
-    rtol: float,
-    atol: float,
-    max_steps: int,
-) -> tuple[PyTree[Array], RESULTS, Array]:
-    """Find the steady state of `velocity` from `z0`; returns `(z, result, steps)`.
-
-    `lcp.IMEX` here means its explicit Euler map (the free solve: there is no loss
-    to treat implicitly); its controlled solve is `iterate` on the controller's IMEX
-    step. `result` is `successful`, `control_max_steps_reached` or
-    `control_divergence`.
-    """
-    if solver is None:
-        solver = default_solver(rtol, atol)
-    if isinstance(solver, optx.AbstractFixedPointSolver):
-        solver = DiscreteTime(step_size=1.0, solver=solver)
-    if isinstance(solver, IMEX):
-        solver = DiscreteTime(step_size=solver.step_size, solver=solver.solver)
-
-    if isinstance(solver, optx.AbstractRootFinder):
+    def solve(self, problem, z0, *, rtol, atol, max_steps):
+        solver = self.solver
+        if solver is None:
+            solver = optx.Newton(
+                rtol=rtol, atol=atol, linear_solver=lx.AutoLinearSolver(well_posed=None)
+            )
         sol = optx.root_find(
-            lambda z, _: residual(z), solver, z0, max_steps=max_steps, throw=False
-        )
-        z, result, steps = (
-            sol.value,
-            RESULTS.promote(sol.result),
-            sol.stats["num_steps"],
-        )
-    elif isinstance(solver, DiscreteTime):
-        h = solver.step_size
-
-        def euler(z):
-            return jtu.tree_map(lambda a, b: a + h * b, z, velocity(z))
-
-        return iterate(
-            solver.solver, euler, z0, rtol=rtol, atol=atol, max_steps=max_steps
-        )
-    else:
-        controller = solver.stepsize_controller
-        if controller is None:
-            controller = diffrax.PIDController(rtol=rtol / 10, atol=atol / 10)
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, z, args: velocity(z)),
-            solver.solver,
-            t0=0.0,
-            t1=solver.t1,
-            dt0=solver.dt0,
-            y0=z0,
-            stepsize_controller=controller,
-            event=diffrax.Event(diffrax.steady_state_event(rtol, atol)),
-            saveat=diffrax.SaveAt(t1=True),
+            lambda z, _: problem.residual(z),
+            solver,
+            z0,
             max_steps=max_steps,
             throw=False,
         )
-        z = jtu.tree_map(lambda x: x[-1], sol.ys)
-        # Only the steady-state event counts as success: ending at `t1` or at
-        # `max_steps` means the dynamics had not settled.
-        stopped = sol.result == diffrax.RESULTS.event_occurred
-        result = RESULTS.where(
-            stopped,
-            RESULTS.successful,  # pyright: ignore[reportArgumentType]
-            RESULTS.nonlinear_max_steps_reached,  # pyright: ignore[reportArgumentType]
+        return sol.value, RESULTS.promote(sol.result), sol.stats["num_steps"]
+
+    def divergence_hint(self):
+        return (
+            "raise `alpha` (weaker control), or use `lcp.ContinuousTime()`, which "
+            "follows the controlled dynamics instead of jumping to their root"
         )
-        steps = sol.stats["num_steps"]
-    return _finish(z0, z, result, steps)
+
+    def name(self):
+        return (
+            "optx.Newton (default)"
+            if self.solver is None
+            else type(self.solver).__name__
+        )
 
 
-def iterate(
-    fp: optx.AbstractFixedPointSolver | None,
-    step: Callable[[PyTree[Array]], PyTree[Array]],
-    z0: PyTree[Array],
-    *,
-    rtol: float,
-    atol: float,
-    max_steps: int,
-) -> tuple[PyTree[Array], RESULTS, Array]:
-    """The fixed point of `step` from `z0` with `fp` (`None`:
-    `optx.FixedPointIteration`); returns `(z, result, steps)` as `solve` does."""
+InnerSolver = (
+    AbstractInnerSolver | optx.AbstractRootFinder | optx.AbstractFixedPointSolver
+)
+
+
+def as_inner_solver(solver, where: str) -> AbstractInnerSolver:
+    """`solver` as an [`AbstractInnerSolver`][]: `None` is `optx.Newton`, a root finder
+    is applied to the residual, a fixed-point solver to the Euler map with step 1."""
+    if isinstance(solver, AbstractInnerSolver):
+        return solver
+    if solver is None or isinstance(solver, optx.AbstractRootFinder):
+        return _RootFinder(solver)
+    if isinstance(solver, optx.AbstractFixedPointSolver):
+        return DiscreteTime(step_size=1.0, solver=solver)
+    raise ValueError(
+        f"`{where}(solver=...)` must be `None` (optx.Newton), an optimistix root "
+        "finder (e.g. `optx.Newton`), an optimistix fixed-point solver (e.g. "
+        "`lcp.AndersonAcceleration`, applied to the Euler map), or an "
+        "`lcp.AbstractInnerSolver` such as `lcp.DiscreteTime(step_size, solver)`, "
+        f"`lcp.IMEX(...)` or `lcp.ContinuousTime(...)`; got {type(solver).__name__}."
+    )
+
+
+def _iterate(fp, step, z0, rtol, atol, max_steps):
     if fp is None:
-        fp = optx.FixedPointIteration(rtol=rtol, atol=atol)
+        # Plain iteration. `optx.FixedPointIteration` keeps its error in the default
+        # float dtype, which breaks its loop for a float32 state under x64.
+        fp = AndersonAcceleration(rtol=rtol, atol=atol, history_length=1)
     sol = optx.fixed_point(
         lambda z, _: step(z), fp, z0, max_steps=max_steps, throw=False
     )
-    return _finish(z0, sol.value, RESULTS.promote(sol.result), sol.stats["num_steps"])
-
-
-def _finish(z0, z, result, steps):
-    finite = tree_allfinite(z)
-    result = RESULTS.where(
-        result == RESULTS.nonlinear_max_steps_reached,
-        RESULTS.control_max_steps_reached,
-        result,
-    )
-    # A solve that failed with a state many orders of magnitude beyond its start has
-    # exploded (a growing Euler iteration stays finite for a long time in float64).
-    exploded = (result != RESULTS.successful) & (_max_abs(z) > 1e8 * (1 + _max_abs(z0)))
-    diverged = (
-        (result == RESULTS.nonlinear_divergence)
-        | (result == RESULTS.nonfinite)
-        | ~finite
-        | exploded
-    )
-    result = RESULTS.where(diverged, RESULTS.control_divergence, result)
-    return z, result, steps
-
-
-def _max_abs(tree):
-    leaves = jtu.tree_leaves(tree)
-    if not leaves:
-        return jnp.array(0.0)
-    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+    return sol.value, RESULTS.promote(sol.result), sol.stats["num_steps"]

@@ -1,5 +1,5 @@
-import dataclasses
 import functools as ft
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -7,12 +7,11 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from ._adjoint import least_control_vjp, LeastControlAdjoint
-from ._misc import is_none, structure_of, tree_float_dtype, tree_sub
+from ._misc import is_none, structure_of, tree_sub
 
 
 _FixedPointOrRoot = optx.AbstractFixedPointSolver | optx.AbstractRootFinder
@@ -69,10 +68,11 @@ def custom_fixed_point(
         [`lcp_solvers.LeastControlAdjoint`][]. `solver=None` solves the controlled
         equilibrium with `lcp.AndersonAcceleration` on the joint map (one
         vector-Jacobian product of `fixed_point_fun` per step).
-    - `rtol`, `atol`: tolerances of the controlled solve. The decorated solver is
-        opaque, so unlike `LeastControlAdjoint` they cannot follow its tolerances;
-        `None` means `sqrt(eps)` of the fixed point's dtype (`1.5e-8` in float64,
-        `3.5e-4` in float32). Ignored when `solver` is given.
+    - `rtol`, `atol`: tolerances of the controlled solve (relative to the
+        cotangent's scale for the control). The decorated solver is opaque, so
+        unlike `LeastControlAdjoint` they cannot follow its tolerances; `None` means
+        the library default: `1e-8` for a float64 fixed point, `1e-5` otherwise.
+        Ignored when `solver` is given.
 
     **Returns:**
 
@@ -144,9 +144,9 @@ def custom_root(
         equilibrium with `optx.Newton` and a dense LU solve; pass
         `solver=optx.Newton(rtol, atol, linear_solver=lx.GMRES(...))` for large
         states.
-    - `rtol`, `atol`: tolerances of the controlled solve; `None` means `sqrt(eps)` of
-        the root's dtype (`1.5e-8` in float64, `3.5e-4` in float32). Ignored when
-        `solver` is given.
+    - `rtol`, `atol`: tolerances of the controlled solve; `None` means the library
+        default: `1e-8` for a float64 root, `1e-5` otherwise. Ignored when `solver`
+        is given.
 
     **Returns:**
 
@@ -192,26 +192,13 @@ def _decorator(fn, f, fixed_point_form, has_aux, adjoint):
 
         @ft.wraps(solver_fun)
         def solve(init_params: PyTree[Array], *args: Any, **kwargs: Any) -> Any:
-            # Both functions may close over arrays that are being differentiated (e.g.
-            # `jax.grad` of a loss that builds `fixed_point_fun` from its weights).
-            # A custom VJP may not close over those, so hoist them into explicit
-            # inputs: those of `fn` get the least-control cotangent; those of the
-            # solver get none (they only decide how the fixed point is found).
-            solver_conv = eqx.filter_closure_convert(
-                solver_fun, init_params, *args, **kwargs
-            )
-            out_struct = solver_conv.out_struct  # pyright: ignore
-            params_struct = _split_params(out_struct, has_aux)
-            if jtu.tree_structure(params_struct) != jtu.tree_structure(
-                init_params
-            ) or any(
-                jnp.shape(a) != jnp.shape(b)
-                for a, b in zip(
-                    jtu.tree_leaves(params_struct),
-                    jtu.tree_leaves(init_params),
-                    strict=True,
-                )
-            ):
+            # The forward pass is the solver, untouched and not differentiated:
+            # the solution does not depend on where the solver starts (as in jaxopt,
+            # `init_params` gets no gradient) nor on how it was found (arrays the
+            # solver closes over get none either).
+            out = lax.stop_gradient(solver_fun(init_params, *args, **kwargs))
+            params = _split_params(out, has_aux)
+            if init_params is not None and not _same_shapes(params, init_params):
                 raise ValueError(
                     "The decorated solver must return the solution with the "
                     "structure and shapes of `init_params`"
@@ -222,24 +209,72 @@ def _decorator(fn, f, fixed_point_form, has_aux, adjoint):
                         else " (if it returns a pair `(params, aux)` such as "
                         "jaxopt's `OptStep`, pass `has_aux=True`)"
                     )
-                    + f"; got {params_struct} for `init_params` "
+                    + f"; got {structure_of(params)} for `init_params` "
                     f"{structure_of(init_params)}."
                 )
-            fn_conv = eqx.filter_closure_convert(fn, params_struct, *args, **kwargs)
-            return _least_control_call(
-                (solver_conv, fn_conv, args, kwargs),
-                # As in jaxopt, the solution does not depend on where the solver
-                # starts, so `init_params` gets a zero gradient.
-                lax.stop_gradient(init_params),
-                f,
-                fixed_point_form,
-                has_aux,
-                adjoint,
+            # As jaxopt's `reference_signature`: keyword arguments that name
+            # parameters of `fn` are passed to it positionally.
+            args, kwargs = _bind_to(fn, args, kwargs)
+            _check_output(fn, params, args, kwargs, fixed_point_form)
+            # `fn` may close over arrays that are being differentiated (e.g.
+            # `jax.grad` of a loss that builds `fixed_point_fun` from its weights). A
+            # custom VJP may not close over those, so hoist them into explicit inputs,
+            # which get the least-control cotangent with `args` and `kwargs`.
+            fn_conv = eqx.filter_closure_convert(fn, params, *args, **kwargs)
+            params = _least_control_call(
+                (fn_conv, args, kwargs), params, f, fixed_point_form, adjoint
             )
+            if has_aux:
+                return _replace_params(out, params)
+            return params
 
         return solve
 
     return wrapper
+
+
+def _same_shapes(a, b) -> bool:
+    if jtu.tree_structure(a) != jtu.tree_structure(b):
+        return False
+    return all(
+        jnp.shape(x) == jnp.shape(y)
+        for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True)
+    )
+
+
+def _bind_to(fn, args, kwargs):
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return args, kwargs
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    return tuple(bound.args[1:]), dict(bound.kwargs)
+
+
+def _check_output(fn, params, args, kwargs, fixed_point_form):
+    name = "fixed_point_fun" if fixed_point_form else "optimality_fun"
+    out = eqx.filter_eval_shape(fn, params, *args, **kwargs)
+    if not _same_shapes(out, params):
+        raise ValueError(
+            f"`{name}(params, *args, **kwargs)` must return one pytree with the "
+            f"structure and shapes of the solution ({structure_of(params)}), got "
+            f"{out}. If it returns `(value, aux)`, pass a function returning only "
+            "`value` (jaxopt's `has_aux` refers to the decorated solver's output, "
+            f"not to `{name}`)."
+        )
+
+
+def _replace_params(out, params):
+    if hasattr(out, "_replace"):  # jaxopt's `OptStep` and other named tuples
+        return (
+            out._replace(params=params)
+            if hasattr(out, "params")
+            else type(out)(params, *out[1:])
+        )
+    return (params, *out[1:]) if isinstance(out, tuple) else [params, *out[1:]]
 
 
 def _split_params(out, has_aux):
@@ -256,38 +291,22 @@ def _split_params(out, has_aux):
 
 
 @eqx.filter_custom_vjp
-def _least_control_call(vjp_arg, init_params, f, fixed_point_form, has_aux, adjoint):
-    del f, fixed_point_form, has_aux, adjoint
-    solver_conv, _, args, kwargs = vjp_arg
-    return solver_conv(init_params, *args, **kwargs)
+def _least_control_call(vjp_arg, params, f, fixed_point_form, adjoint):
+    del vjp_arg, f, fixed_point_form, adjoint
+    return params
 
 
 @_least_control_call.def_fwd
-def _least_control_fwd(
-    perturbed, vjp_arg, init_params, f, fixed_point_form, has_aux, adjoint
-):
-    del perturbed
-    out = _least_control_call.fn(
-        vjp_arg, init_params, f, fixed_point_form, has_aux, adjoint
-    )
-    root = _split_params(out, has_aux)
-    return out, jtu.tree_map(jnp.asarray, root)
+def _least_control_fwd(perturbed, vjp_arg, params, f, fixed_point_form, adjoint):
+    del perturbed, vjp_arg, f, fixed_point_form, adjoint
+    return params, params
 
 
 @_least_control_call.def_bwd
 def _least_control_bwd(
-    root,
-    grad_out,
-    perturbed,
-    vjp_arg,
-    init_params,
-    f,
-    fixed_point_form,
-    has_aux,
-    adjoint,
+    root, grad_root, perturbed, vjp_arg, params, f, fixed_point_form, adjoint
 ):
-    del init_params
-    grad_root = _split_params(grad_out, has_aux)
+    del params
     # Symbolic zeros (`None`) for outputs that do not reach the loss.
     grad_root = jtu.tree_map(
         lambda r, g: jnp.zeros_like(r) if g is None else g,
@@ -295,19 +314,9 @@ def _least_control_bwd(
         grad_root,
         is_leaf=is_none,
     )
-    solver_conv, fn_conv, args, kwargs = vjp_arg
     # Differentiate only what is perturbed, so that e.g. a non-differentiated weight
     # closed over by `fn` costs nothing.
-    theta = (fn_conv, args, kwargs)
-    theta_diff, theta_nondiff = eqx.partition(theta, perturbed[1:])
-    rtol, atol = adjoint.rtol, adjoint.atol
-    if adjoint.solver is None and (rtol is None or atol is None):
-        default = float(np.sqrt(np.finfo(tree_float_dtype(root)).eps))
-        adjoint = dataclasses.replace(
-            adjoint,
-            rtol=default if rtol is None else rtol,
-            atol=default if atol is None else atol,
-        )
+    theta_diff, theta_nondiff = eqx.partition(vjp_arg, perturbed)
     theta_bar = least_control_vjp(
         lambda y, d: f(y, eqx.combine(d, theta_nondiff)),
         root,
@@ -316,9 +325,7 @@ def _least_control_bwd(
         adjoint=adjoint,
         fixed_point_form=fixed_point_form,
     )
-    fn_bar, args_bar, kwargs_bar = eqx.filter(
+    return eqx.filter(
         eqx.combine(theta_bar, jtu.tree_map(lambda _: None, theta_nondiff)),
         eqx.is_inexact_array,
     )
-    solver_bar = jtu.tree_map(lambda _: None, solver_conv)
-    return solver_bar, fn_bar, args_bar, kwargs_bar

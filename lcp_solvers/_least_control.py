@@ -3,29 +3,16 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
-from ._controller import (
-    _output_mask,
-    _System,
-    AbstractController,
-    DynamicInversion,
-    LinearFeedback,
-)
-from ._inner_solver import (
-    check_solver,
-    divergence_fix,
-    IMEX,
-    InnerSolver,
-    iterate,
-    solve,
-    solver_name,
-)
-from ._misc import is_none, theta_vjp
+from ._controller import AbstractController, DynamicInversion
+from ._engine import controlled_equilibrium, free_equilibrium, resolve_tolerances
+from ._inner_solver import as_inner_solver, InnerSolver
+from ._misc import is_none, theta_vjp, tree_allfinite
 from ._solution import RESULTS
+from ._system import ControlledSystem, output_mask
 
 
 class LeastControlInfo(eqx.Module):
@@ -91,23 +78,9 @@ def _check_structures(f, loss, theta, phi0, args, controller):
             "(e.g. `jnp.sum` or `jnp.mean`); for a batch, `jax.vmap` "
             "`least_control_grad` over samples instead."
         )
-    if isinstance(controller, LinearFeedback):
-        out = (
-            phi_struct
-            if controller.output is None
-            else jax.eval_shape(controller.output, phi0)
-        )
-        n = jfu.ravel_pytree(phi0)[0].size
-        m = sum(x.size for x in jtu.tree_leaves(out))
-        if controller.Q.shape != (n, m):
-            raise ValueError(
-                f"`LinearFeedback(Q=...)` must have shape (size(phi), "
-                f"size(output(phi))) = ({n}, {m}), got {controller.Q.shape}."
-            )
 
 
 def _check_arguments(f, loss, theta, phi0, args, controller, solver, name):
-    check_solver(solver)
     if not isinstance(controller, AbstractController):
         raise ValueError(
             f"`{name}(controller=...)` must be an `lcp.AbstractController` "
@@ -115,104 +88,75 @@ def _check_arguments(f, loss, theta, phi0, args, controller, solver, name):
             f"{type(controller).__name__}."
         )
     _check_structures(f, loss, theta, phi0, args, controller)
+    return as_inner_solver(solver, name)
 
 
-def default_tolerance(tree: PyTree[Array]) -> float:
-    """The default `rtol`/`atol`: `1e-8` if every floating leaf of `tree` is float64,
-    else `1e-5`."""
-    leaves = [jnp.asarray(x) for x in jtu.tree_leaves(tree)]
-    leaves = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    double = bool(leaves) and all(jnp.finfo(x.dtype).bits >= 64 for x in leaves)
-    return 1e-8 if double else 1e-5
+def _check_finite(theta, phi0, args, name):
+    # Name the input that is not finite: otherwise it surfaces as a diverging solve
+    # and the advice would be about the dynamics.
+    inputs = {"theta": theta, "phi0": phi0, "args": args}
+    finite = [
+        tree_allfinite(eqx.filter(x, eqx.is_inexact_array)) for x in inputs.values()
+    ]
+    bad = jnp.stack([jnp.invert(x) for x in finite])
+    messages = [
+        f"`{name}`: `{key}` contains inf or NaN; the least-control update is not "
+        f"defined there. Check `{key}` before the call."
+        for key in inputs
+    ]
+    return eqx.branched_error_if(phi0, jnp.any(bad), jnp.argmax(bad), messages)
 
 
-def _controlled_equilibrium(
-    f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps, throw
+def _least_control_solve(
+    f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps, throw, name
 ) -> LeastControlInfo:
     """The free and controlled solves shared by `least_control_grad` and
-    `least_control_objective`."""
+    `least_control_objective`: both through the one engine."""
     phi0 = jtu.tree_map(jnp.asarray, phi0)
-    default_tol = default_tolerance(phi0)
-    rtol = default_tol if rtol is None else rtol
-    atol = default_tol if atol is None else atol
-    free_f = lambda phi: f(phi, theta, args)
-    phi_free, free_result, free_steps = solve(
+    if throw:
+        phi0 = _check_finite(theta, phi0, args, name)
+    rtol, atol = resolve_tolerances(rtol, atol, phi0)
+    system = ControlledSystem(f, loss, theta, args, None)
+    phi_free, free_result, free_steps = free_equilibrium(
+        system, solver, phi0, rtol=rtol, atol=atol, max_steps=max_steps
+    )
+    system = ControlledSystem(f, loss, theta, args, output_mask(loss, phi_free, args))
+    state, result, steps = controlled_equilibrium(
+        system,
+        controller,
         solver,
-        free_f,
-        free_f,
-        phi0,
+        phi_free,
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
+        throw=False,
+        what=f"`{name}`",
     )
-    mask = _output_mask(loss, phi_free, args)
-    sys = _System(f, loss, theta, args, mask)
-    z0 = controller.init(sys, phi_free)
-    if isinstance(solver, IMEX):
-        imex = solver
-        loss_step = lambda phi, v, c: imex.loss_step(sys.grad_loss, sys.mask, phi, v, c)
-        imex_map = lambda z: controller.imex_step(
-            sys, z, imex.step_size, imex.output_gain, loss_step
-        )
-        z, result, steps = iterate(
-            solver.solver,
-            imex_map,
-            controller.imex_state(sys, z0),
-            rtol=rtol,
-            atol=atol,
-            max_steps=max_steps,
-        )
-        z = controller.imex_full(sys, z)
-    else:
-        z, result, steps = solve(
-            solver,
-            lambda z: controller.velocity(sys, z),
-            lambda z: controller.residual(sys, z),
-            z0,
-            rtol=rtol,
-            atol=atol,
-            max_steps=max_steps,
-        )
-    phi, psi, u = controller.unpack(sys, z)
+    phi, psi, u = controller.unpack(system, state)
+    # A failed free solve is the cause whatever the controlled solve did after it.
     result = RESULTS.where(
-        result == RESULTS.control_max_steps_reached,
-        RESULTS.least_control_max_steps_reached,
-        result,
-    )
-    result = RESULTS.where(
-        free_result == RESULTS.successful,
-        result,
-        RESULTS.free_equilibrium_failed,
+        free_result == RESULTS.successful, result, RESULTS.free_equilibrium_failed
     )
     if throw:
-        used = "optx.Newton (default)" if solver is None else solver_name(solver)
-        control_diverged = (
-            f"`least_control_grad`: the controlled dynamics of "
-            f"{type(controller).__name__} diverged under the solver {used} "
-            "(non-finite state or control). The free dynamics are unstable or the "
-            f"control is too strong for this solver: {divergence_fix(solver)}."
-        )
-        free_diverged = (
-            "`least_control_grad`: the free dynamics f diverged under the solver "
-            f"{used} before any control was applied (non-finite state). f is unstable "
-            "at this theta (its equilibrium repels) or the solver is: "
-            f"{divergence_fix(solver)}."
-        )
-        # One check with a message per failure (a check costs a callback branch
-        # per call under vmap): the two divergences, else the result's own message.
+        free_diverged = free_result == RESULTS.control_divergence
+        messages = [
+            f"`{name}`: the free dynamics f diverged under the solver "
+            f"{solver.name()} before any control was applied (non-finite or "
+            "exploding state). f is unstable at this theta (its equilibrium repels) "
+            f"or the solver is: {solver.divergence_hint()}.",
+            f"`{name}`: the controlled dynamics of {type(controller).__name__} "
+            f"diverged under the solver {solver.name()} (non-finite or exploding "
+            "state or control). The control is too strong for this solver: "
+            f"{solver.divergence_hint()}.",
+        ] + list(RESULTS._index_to_message)  # pyright: ignore
         index = jnp.where(
-            result == RESULTS.control_divergence,
+            free_diverged,
             0,
-            jnp.where(free_result == RESULTS.control_divergence, 1, 2 + result._value),
+            jnp.where(result == RESULTS.control_divergence, 1, 2 + result._value),
         )
-        psi = eqx.branched_error_if(
-            psi,
-            result != RESULTS.successful,
-            index,
-            [control_diverged, free_diverged] + list(RESULTS._index_to_message),  # pyright: ignore
-        )
+        psi = eqx.branched_error_if(psi, result != RESULTS.successful, index, messages)
     leaves = jtu.tree_leaves(psi)
-    control = 0.5 * sum(jnp.sum(jnp.square(x)) for x in leaves)
+    control = 0.5 * sum(jnp.sum(jnp.square(jnp.abs(x))) for x in leaves)
     return LeastControlInfo(
         phi=phi,
         psi=psi,
@@ -301,12 +245,13 @@ def least_control_grad(
 
     `(grad, info)`: `grad` as above, `info` a [`lcp_solvers.LeastControlInfo`][].
     """
-    _check_arguments(
+    inner = _check_arguments(
         f, loss, theta, phi0, args, controller, solver, "least_control_grad"
     )
-    info = _controlled_equilibrium(
-        f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps, throw
-    )
+    info = _least_control_solve(
+        f, loss, theta, phi0, args, controller, inner, rtol, atol, max_steps, throw,
+        "least_control_grad",
+    )  # fmt: skip
     grad = theta_vjp(
         lambda t: f(info.phi, t, args), theta, jtu.tree_map(jnp.negative, info.psi)
     )
@@ -328,9 +273,10 @@ class _Config(eqx.Module):
 
 @eqx.filter_custom_jvp
 def _objective(theta, phi0, args, config):
-    info = _controlled_equilibrium(
+    info = _least_control_solve(
         config.f, config.loss, theta, phi0, args, config.controller, config.solver,
         config.rtol, config.atol, config.max_steps, config.throw,
+        "least_control_objective",
     )  # fmt: skip
     value = info.control + config.controller.loss_weight() * info.loss_controlled
     return value, info
@@ -338,6 +284,43 @@ def _objective(theta, phi0, args, config):
 
 def _has_tangent(tangent):
     return any(t is not None for t in jtu.tree_leaves(tangent, is_leaf=is_none))
+
+
+@jax.custom_jvp
+def _first_order_only(x):
+    return x
+
+
+def _first_order_only_jvp(primals, tangents):
+    # The rule below treats the controlled equilibrium as fixed: exact for the first
+    # derivative (Theorem 1), wrong for the second, which also needs how (φ⋆, ψ⋆)
+    # move with θ. That happens only when an outer derivative reaches them, i.e.
+    # they carry a tangent here.
+    if any(
+        not isinstance(t, jax.custom_derivatives.SymbolicZero)
+        for t in jtu.tree_leaves(tangents)
+    ):
+        raise ValueError(
+            "Second derivatives of `least_control_objective` (e.g. `jax.hessian`, "
+            "`jax.jacfwd(jax.grad(...))`) are not supported: its derivative is the "
+            "least-control update at the controlled equilibrium, and how that "
+            "equilibrium moves with `theta` is not computed. Differentiate the update "
+            "itself by finite differences, or use implicit differentiation "
+            "(`optx.ImplicitAdjoint`) for second-order quantities."
+        )
+    return primals[0], jtu.tree_map(
+        lambda t, x: (
+            jnp.zeros_like(x)
+            if isinstance(t, jax.custom_derivatives.SymbolicZero)
+            else t
+        ),
+        tangents[0],
+        primals[0],
+        is_leaf=lambda t: isinstance(t, jax.custom_derivatives.SymbolicZero),
+    )
+
+
+_first_order_only.defjvp(_first_order_only_jvp, symbolic_zeros=True)
 
 
 @_objective.def_jvp
@@ -351,11 +334,16 @@ def _objective_jvp(primals, tangents):
             "parameters) into `theta` and let `f` use it."
         )
     value, info = _objective(theta, phi0, args, config)
+    phi_c, psi_c = _first_order_only((info.phi, info.psi))
     diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
+    # Tangents of the inexact leaves only; integer leaves (float0 tangents) and
+    # leaves without a tangent get none.
     t_diff = jtu.tree_map(
-        lambda d, t: jnp.zeros_like(d) if t is None else t,
+        lambda d, t: (
+            jnp.zeros_like(d) if t is None or not eqx.is_inexact_array(t) else t
+        ),
         diff_theta,
-        eqx.filter(t_theta, eqx.is_inexact_array, is_leaf=is_none),
+        eqx.filter(t_theta, eqx.is_array, is_leaf=is_none),
         is_leaf=is_none,
     )
 
@@ -364,13 +352,15 @@ def _objective_jvp(primals, tangents):
         # is the update -(∂θ f)ᵀψ⋆. Taken as a JVP, reverse mode transposes it after
         # any `vmap`, so a batch-mean update is one product, not a mean of
         # per-sample weight gradients.
-        velocity = config.f(info.phi, eqx.combine(d, static_theta), args)
-        products = jtu.tree_map(lambda p, v: -jnp.sum(p * v), info.psi, velocity)
+        velocity = config.f(phi_c, eqx.combine(d, static_theta), args)
+        products = jtu.tree_map(lambda p, v: -jnp.sum(p * v), psi_c, velocity)
         return sum(jtu.tree_leaves(products), jnp.zeros((), value.dtype))
 
     _, t_value = jax.jvp(work, (diff_theta,), (t_diff,))
+    # Instantiated (not symbolic) zeros: an outer derivative then reaches
+    # `_first_order_only` above and raises, instead of seeing constants.
     t_info = jax.custom_derivatives.zero_from_primal(  # pyright: ignore
-        info, symbolic_zeros=True
+        info, symbolic_zeros=False
     )
     return (value, info), (t_value.astype(value.dtype), t_info)
 
@@ -427,8 +417,10 @@ def least_control_objective(
     `(objective, info)`: the scalar objective and a
     [`lcp_solvers.LeastControlInfo`][].
     """
-    _check_arguments(
+    inner = _check_arguments(
         f, loss, theta, phi0, args, controller, solver, "least_control_objective"
     )
-    config = _Config(f, loss, controller, solver, rtol, atol, max_steps, throw)
-    return _objective(theta, phi0, args, config)
+    config = _Config(f, loss, controller, inner, rtol, atol, max_steps, throw)
+    value, info = _objective(theta, phi0, args, config)
+    # `info` reports the solves; it carries no derivative (as optimistix's stats).
+    return value, eqx.tree_at(lambda i: i, info, replace_fn=jax.lax.stop_gradient)

@@ -2,7 +2,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import optimistix as optx
 from jaxtyping import Array, PyTree
 
 
@@ -12,16 +11,34 @@ def tree_allfinite(tree: PyTree[Array]) -> Array:
 
 
 def tree_rms(tree: PyTree[Array], per_sample: bool = False) -> Array:
-    """`optx.rms_norm` of a pytree; with `per_sample=True`, one value per index of
-    every leaf's leading axis."""
-    if not per_sample:
-        return optx.rms_norm(tree)
-    leaves = jtu.tree_leaves(tree)
-    size = sum(x[0].size for x in leaves)
+    """The root-mean-square of a pytree's entries (real, in the leaves' real dtype);
+    with `per_sample=True`, one value per index of every leaf's leading axis.
+
+    Computed as `m·rms(x/m)` with `m = max|x|`, so that it neither overflows (a
+    float32 cotangent of order 1e20 squares past the largest float32) nor
+    underflows."""
+    leaves = [jnp.abs(x) for x in jtu.tree_leaves(tree)]
+    if not leaves:
+        return jnp.array(0.0)
+    if per_sample:
+        leaves = [x.reshape(x.shape[0], -1) for x in leaves]
+        size = sum(x.shape[1] for x in leaves)
+        axis = 1
+    else:
+        leaves = [x.reshape(-1) for x in leaves]
+        size = sum(x.size for x in leaves)
+        axis = 0
+    dtype = jnp.result_type(*leaves)
+    leaves = [x.astype(dtype) for x in leaves]
+    m = jnp.max(jnp.stack([jnp.max(x, axis=axis) for x in leaves]), axis=0)
+    safe_m = jnp.where(m > 0, m, 1)
     sq = sum(
-        jnp.sum(jnp.square(jnp.abs(x)).reshape(x.shape[0], -1), axis=1) for x in leaves
+        jnp.sum(
+            jnp.square(x / safe_m[..., None] if per_sample else x / safe_m), axis=axis
+        )
+        for x in leaves
     )
-    return jnp.sqrt(sq / size)
+    return jnp.where(m > 0, safe_m * jnp.sqrt(sq / size), m)
 
 
 def theta_vjp(f_of_theta, theta: PyTree, cotangent: PyTree[Array]) -> PyTree:
@@ -39,7 +56,9 @@ def tree_scale(tree: PyTree[Array], s) -> PyTree[Array]:
 
     def scale(x):
         factor = jnp.reshape(s, jnp.shape(s) + (1,) * (x.ndim - jnp.ndim(s)))
-        return (factor * x).astype(x.dtype)
+        # Cast first: under strict dtype promotion a real factor may not meet a
+        # complex (or lower-precision) leaf.
+        return factor.astype(x.dtype) * x
 
     return jtu.tree_map(scale, tree)
 

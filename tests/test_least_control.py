@@ -491,7 +491,7 @@ def test_error_max_steps():
     _, info = lcp.least_control_grad(
         _f, _loss, _theta0, jnp.zeros(N), _args0, throw=False, **kwargs
     )
-    assert info.result == lcp.RESULTS.least_control_max_steps_reached
+    assert info.result == lcp.RESULTS.control_max_steps_reached
     # Too few steps for the free equilibrium itself.
     kwargs["max_steps"] = 20
     with pytest.raises(Exception, match=r"could not find the free equilibrium"):

@@ -1,0 +1,185 @@
+"""The one least-control engine: every entry point solves the controlled equilibrium
+of a controller acting on a `ControlledSystem` here (DESIGN §5)."""
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+from ._controller import AbstractController
+from ._inner_solver import AbstractInnerSolver, SteadyStateProblem
+from ._misc import tree_allfinite, tree_float_dtype, tree_rms
+from ._solution import RESULTS
+from ._system import ControlledSystem
+
+
+def default_tolerance(tree: PyTree) -> float:
+    """The one default `rtol`/`atol`: `1e-8` if every floating leaf of `tree` is
+    (complex) float64, else `1e-5`. Tolerances apply in units where the controls are
+    divided by the learning signal's scale, so they are relative to it."""
+    dtype = tree_float_dtype(tree)
+    return 1e-8 if jnp.finfo(dtype).bits >= 64 else 1e-5
+
+
+def resolve_tolerances(rtol, atol, tree, reference=None) -> tuple[float, float]:
+    """`None` follows `reference`'s `rtol`/`atol` (e.g. the forward solver, so that a
+    forward pass solved to `1e-12` gets a backward pass of matching accuracy), else
+    `default_tolerance(tree)`."""
+    default = default_tolerance(tree)
+    if rtol is None:
+        rtol = getattr(reference, "rtol", None)
+        rtol = default if rtol is None else rtol
+    if atol is None:
+        atol = getattr(reference, "atol", None)
+        atol = default if atol is None else atol
+    return rtol, atol
+
+
+def control_scale(
+    system: ControlledSystem, controller: AbstractController, phi: PyTree[Array]
+) -> Array:
+    """The scale of the controls at the start `phi`: `w·rms(∇L(φ))` for a
+    controller whose objective weighs the loss by `w > 0` (a leak `α = 1/w`: weak
+    control makes the controls small), else `rms(∇L(φ))`. Zero when `∇L(φ)` is."""
+    g = tree_rms(system.loss_grad(phi))
+    w = jnp.asarray(controller.loss_weight(), g.dtype)
+    return jnp.where(w > 0, g * w, g)
+
+
+def _units(scale):
+    safe = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1)
+
+    def to_units(state):
+        phi, *controls = state
+        return (phi, *jtu.tree_map(lambda x: x / safe.astype(x.dtype), controls))
+
+    def from_units(z):
+        phi, *controls = z
+        return (phi, *jtu.tree_map(lambda x: x * safe.astype(x.dtype), controls))
+
+    return to_units, from_units
+
+
+def _max_abs(tree):
+    leaves = [jnp.max(jnp.abs(x)) for x in jtu.tree_leaves(tree)]
+    return jnp.max(jnp.stack(leaves)) if leaves else jnp.array(0.0)
+
+
+def _map_result(z0, z, result):
+    """The one mapping of a solver's outcome to `RESULTS`."""
+    result = RESULTS.where(
+        result == RESULTS.nonlinear_max_steps_reached,
+        RESULTS.control_max_steps_reached,
+        result,
+    )
+    # A solve that failed with a state many orders of magnitude beyond its start has
+    # exploded (a growing Euler iteration stays finite for a long time in float64).
+    exploded = (result != RESULTS.successful) & (_max_abs(z) > 1e8 * (1 + _max_abs(z0)))
+    diverged = (
+        (result == RESULTS.nonlinear_divergence)
+        | (result == RESULTS.nonfinite)
+        | jnp.invert(tree_allfinite(z))
+        | exploded
+    )
+    return RESULTS.where(diverged, RESULTS.control_divergence, result)
+
+
+def _raise(result, value, *, solver: AbstractInnerSolver, what: str):
+    # One check with a message per failure (a check costs a callback branch per call
+    # under vmap): divergence names the solver and what to change for it, every other
+    # failure gives its RESULTS message.
+    diverged = (
+        f"{what}: the dynamics diverged under the solver {solver.name()} (non-finite "
+        "or exploding state or control). The free dynamics are unstable or the "
+        f"control is too strong for this solver: {solver.divergence_hint()}."
+    )
+    index = jnp.where(result == RESULTS.control_divergence, 0, 1 + result._value)
+    messages = [diverged] + list(RESULTS._index_to_message)  # pyright: ignore
+    return eqx.branched_error_if(value, result != RESULTS.successful, index, messages)
+
+
+def free_equilibrium(
+    system: ControlledSystem,
+    solver: AbstractInnerSolver,
+    phi0: PyTree[Array],
+    *,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+) -> tuple[PyTree[Array], RESULTS, Array]:
+    """The free equilibrium `f(φ) = 0` from `phi0` with the same solver."""
+    identity = lambda z: z
+    velocity = lambda z: (system.velocity(z[0]),)
+    problem = SteadyStateProblem(velocity, velocity, system, None, identity, identity)
+    z, result, steps = solver.solve(
+        problem, (phi0,), rtol=rtol, atol=atol, max_steps=max_steps
+    )
+    result = _map_result((phi0,), z, result)
+    return z[0], result, steps
+
+
+def controlled_equilibrium(
+    system: ControlledSystem,
+    controller: AbstractController,
+    solver: AbstractInnerSolver,
+    phi0: PyTree[Array],
+    *,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+    throw: bool,
+    what: str,
+) -> tuple[tuple, RESULTS, Array]:
+    """The controlled equilibrium of `controller` acting on `system`, warm-started at
+    `phi0` (a free equilibrium) with the control off.
+
+    The solver works in units where the controls are divided by
+    `control_scale(system, controller, phi0)`, so that `rtol`/`atol` are relative to
+    the learning signal whatever the loss's scale or the controller's leak. Where
+    `∇L(phi0)` vanishes identically the free equilibrium is already controlled (zero
+    control), and no solve runs: a zero learning signal has a zero update even at a
+    state where the solve could not run (e.g. a failed forward solve that the loss
+    masks out).
+
+    **Returns:** `(state, result, num_steps)`: the extended state `(phi, *controls)`
+    in the controller's own units, a `RESULTS`, and the solver's step count. With
+    `throw=True` a failure raises, its message starting with `what`.
+    """
+    scale = control_scale(system, controller, phi0)
+    to_units, from_units = _units(scale)
+    z0 = to_units(controller.init(system, phi0))
+
+    def in_units(fn):
+        return lambda z: to_units(fn(system, from_units(z)))
+
+    problem = SteadyStateProblem(
+        in_units(controller.velocity),
+        in_units(controller.residual),
+        system,
+        controller,
+        to_units,
+        from_units,
+    )
+
+    def run(z0):
+        z, result, steps = solver.solve(
+            problem, z0, rtol=rtol, atol=atol, max_steps=max_steps
+        )
+        z = jtu.tree_map(lambda a, b: jnp.asarray(a, b.dtype), z, z0)
+        return z, _map_result(z0, z, result), jnp.asarray(steps)
+
+    def skip(z0):
+        structure = jax.eval_shape(run, z0)
+        steps = jnp.zeros(structure[2].shape, structure[2].dtype)
+        return z0, RESULTS.successful, steps
+
+    no_signal = scale == 0
+    z, result, steps = lax.cond(no_signal, skip, run, z0)
+    start_finite = tree_allfinite(phi0)
+    result = RESULTS.where(start_finite | no_signal, result, RESULTS.nonfinite_start)
+    state = from_units(z)
+    if throw:
+        state = _raise(result, state, solver=solver, what=what)
+    return state, result, steps
