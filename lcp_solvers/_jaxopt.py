@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -215,6 +216,12 @@ def _decorator(fn, f, fixed_point_form, has_aux, adjoint):
             # As jaxopt's `reference_signature`: keyword arguments that name
             # parameters of `fn` are passed to it positionally.
             args, kwargs = _bind_to(fn, args, kwargs)
+            # A traced Python number (`jax.grad(loss)(1.0)`) has a Python-number
+            # primal, which the backward pass would see as static: make it an array.
+            args, kwargs = jtu.tree_map(
+                lambda x: jnp.asarray(x) if isinstance(x, jax.core.Tracer) else x,
+                (args, kwargs),
+            )
             _check_output(fn, params, args, kwargs, fixed_point_form)
             # `fn` may close over arrays that are being differentiated (e.g.
             # `jax.grad` of a loss that builds `fixed_point_fun` from its weights). A

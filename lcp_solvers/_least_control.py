@@ -340,7 +340,11 @@ def _objective_jvp(primals, tangents):
     # leaves without a tangent get none.
     t_diff = jtu.tree_map(
         lambda d, t: (
-            jnp.zeros_like(d) if t is None or not eqx.is_inexact_array(t) else t
+            None
+            if d is None
+            else jnp.zeros_like(d)
+            if t is None or not eqx.is_inexact_array(t)
+            else t
         ),
         diff_theta,
         eqx.filter(t_theta, eqx.is_array, is_leaf=is_none),
