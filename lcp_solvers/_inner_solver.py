@@ -85,7 +85,7 @@ class DiscreteTime(AbstractInnerSolver):
     Euler map `z ↦ z + step_size · v(z)` of the controller's dynamics `v` to its fixed
     point with an optimistix fixed-point solver.
 
-    Plain iteration (`solver=None`, `optx.FixedPointIteration`) is the paper's Euler
+    Plain iteration (`solver=None`) is the paper's Euler
     simulation: stable only for `step_size` below about `2/|λ_max|` of the controlled
     dynamics, so strong control (small `alpha`) needs small steps. Pass
     `solver=lcp.AndersonAcceleration(rtol, atol)` to accelerate it.
@@ -241,8 +241,7 @@ class IMEX(AbstractInnerSolver):
     - `step_size`: the Euler step `h`. `1.0` iterates `φ + f(φ)`, the layer's own
         map for `f = T(φ) - φ`; lower it when that map does not contract.
     - `solver`: an `optx.AbstractFixedPointSolver` for the iteration; `None` is
-        `optx.FixedPointIteration` with the `rtol`/`atol` of `least_control_grad`.
-        Where the plain iteration oscillates (on a small feedforward net with a
+        plain iteration with the `rtol`/`atol` of the entry point. Where the plain iteration oscillates (on a small feedforward net with a
         cross-entropy loss it took hundreds of steps) pass
         `lcp.AndersonAcceleration(rtol, atol)`; where it contracts fast (the
         benchmark RNN: 10 steps), acceleration costs more per step than it saves.

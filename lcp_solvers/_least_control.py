@@ -216,10 +216,15 @@ def least_control_grad(
     - `args`: anything else (e.g. the input `x` and the target), passed to `f` and
         `loss`.
     - `controller`: [`lcp_solvers.DynamicInversion`][] (default, `alpha=0.1`),
-        [`lcp_solvers.EnergyBased`][] or [`lcp_solvers.LinearFeedback`][].
+        [`lcp_solvers.EnergyBased`][], [`lcp_solvers.LinearFeedback`][], or any
+        [`lcp_solvers.AbstractController`][].
     - `solver`: how both equilibria are found.
         - `None` (default): `optx.Newton` with a dense LU solve on the steady-state
-          equations; converges in a few steps for any `alpha >= 0`.
+          equations; converges in a few steps for any `alpha >= 0`. A root finder
+          finds an equilibrium whatever its stability: it does not check that the
+          free dynamics attract (a solver that follows the dynamics,
+          `DiscreteTime`/`IMEX`/`ContinuousTime`, reports an unstable `f` as
+          divergence).
         - any `optx.AbstractRootFinder` (e.g. `optx.Newton(rtol, atol,
           linear_solver=lx.GMRES(...))` for Newton–Krylov on large states).
         - [`lcp_solvers.DiscreteTime`][]`(step_size, solver)`: Euler/Picard iteration
@@ -231,15 +236,19 @@ def least_control_grad(
           `alpha` (DI and EBD only). The fastest choice for large states.
         - [`lcp_solvers.ContinuousTime`][]`(...)`: the controller's ODE with diffrax
           until a steady-state event.
+        - any [`lcp_solvers.AbstractInnerSolver`][].
     - `rtol`, `atol`: tolerances of both solves (ignored by a `solver` that carries
         its own). `None` is `1e-8` for a float64 state and `1e-5` for float32 or
-        lower precision. With a leaky controller `ψ⋆` is of order `1/alpha`, so at
-        weak control scale `atol` down with it: at a fixed tolerance the update's
-        relative error grows like `alpha · atol`.
+        lower precision. The controls are solved for in units of their scale at the
+        free equilibrium (`rms(∇L)/α` for a leaky controller, `rms(∇L)` for
+        `alpha = 0`), so the tolerances are relative to the learning signal
+        whatever the loss's scale or `alpha`.
     - `max_steps`: the most steps of each solve.
     - `throw`: if `True`, a failed solve raises an error saying what to change
-        (divergence names the controller and the solver). If `False`, the failure is
-        reported in `info.result` and `grad` is the best estimate.
+        (divergence names the controller and the solver; a non-finite `theta`,
+        `phi0` or `args` is named). If `False`, the failure is reported in
+        `info.result` and `grad` is the best estimate. Where `∇L` vanishes at the
+        free equilibrium the update is exactly zero and no controlled solve runs.
 
     **Returns:**
 
