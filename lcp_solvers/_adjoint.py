@@ -41,16 +41,18 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
     **Strength.** `β = strength / rms(ḡ)`, so `strength` is the root-mean-square size
     of the control force per state component, whatever the scale of the loss (sum or
     mean, batch size). As `strength → 0` the result is exactly the implicit gradient
-    (what [`optimistix.ImplicitAdjoint`][] returns); for linear dynamics it is exact at
-    any strength. A larger strength evaluates the update at a state moved further
-    towards lower loss (a non-infinitesimal learning signal) and makes the controlled
-    system stiffer. The controlled state moves from `y*` by roughly
+    (what [`optimistix.ImplicitAdjoint`][implicit-adjoint] returns); for linear
+    dynamics it is exact at any strength. A larger strength evaluates the update at a
+    state moved further towards lower loss (a non-infinitesimal learning signal) and
+    makes the controlled system stiffer. The controlled state moves from `y*` by roughly
     `strength · ‖(∂_y f)^{-1}‖²`, so a given strength matters more as the layer nears
     instability: on `benchmarks/backward.py`'s `tanh` layer (states of order 0.1,
     contraction 0.9) the default `1e-3` gives an update with cosine 0.997 to the
     implicit gradient and `1e-2` one with cosine 0.3, while on a small random layer
     `tanh(W y + x)` with `W = 0.5·N(0, 1/n)` `1e-2` changes the update by about 2%.
     `1e-8` reproduces the implicit gradient to about seven digits.
+
+    [implicit-adjoint]: https://docs.kidger.site/optimistix/api/adjoints/
 
     **Solving the controlled equilibrium.** Unknowns `(y, λ = ψ/β)`, a root problem
     `(f(y) + βλ, (∂_y f)^\top λ - ḡ) = 0` (scaled so that its tolerances are relative

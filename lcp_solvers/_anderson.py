@@ -62,8 +62,10 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
     Keeps the last `history_length` iterates and their images and takes the
     affine combination of them whose residual `fn(y) - y` is smallest in the
     least-squares sense. On a contraction it needs far fewer function evaluations than
-    [`optimistix.FixedPointIteration`][], at the cost of `O(history_length · size(y))`
-    memory, independent of the number of steps.
+    [`optimistix.FixedPointIteration`][fixed-point-iteration], at the cost of
+    `O(history_length · size(y))` memory, independent of the number of steps.
+
+    [fixed-point-iteration]: https://docs.kidger.site/optimistix/api/fixed_point/
 
     It is an ordinary optimistix fixed-point solver:
     `optx.fixed_point(fn, lcp.AndersonAcceleration(rtol=1e-6, atol=1e-6), y0)`.

@@ -241,7 +241,8 @@ class IMEX(AbstractInnerSolver):
     - `step_size`: the Euler step `h`. `1.0` iterates `φ + f(φ)`, the layer's own
         map for `f = T(φ) - φ`; lower it when that map does not contract.
     - `solver`: an `optx.AbstractFixedPointSolver` for the iteration; `None` is
-        plain iteration with the `rtol`/`atol` of the entry point. Where the plain iteration oscillates (on a small feedforward net with a
+        plain iteration with the `rtol`/`atol` of the entry point. Where the
+        plain iteration oscillates (on a small feedforward net with a
         cross-entropy loss it took hundreds of steps) pass
         `lcp.AndersonAcceleration(rtol, atol)`; where it contracts fast (the
         benchmark RNN: 10 steps), acceleration costs more per step than it saves.

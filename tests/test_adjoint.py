@@ -438,7 +438,9 @@ def test_nonfinite_state_raises():
         )
         return jnp.sum(sol.value)
 
-    with pytest.raises(Exception, match="least-control solve starts from contains inf or NaN"):
+    with pytest.raises(
+        Exception, match="least-control solve starts from contains inf or NaN"
+    ):
         jax.grad(loss)(jnp.ones(2))
 
 
