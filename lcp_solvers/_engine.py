@@ -40,10 +40,19 @@ def resolve_tolerances(rtol, atol, tree, reference=None) -> tuple[float, float]:
 def control_scale(
     system: ControlledSystem, controller: AbstractController, phi: PyTree[Array]
 ) -> Array:
-    """The scale of the controls at the start `phi`: `w·rms(∇L(φ))` for a
-    controller whose objective weighs the loss by `w > 0` (a leak `α = 1/w`: weak
-    control makes the controls small), else `rms(∇L(φ))`. Zero when `∇L(φ)` is."""
-    g = tree_rms(system.loss_grad(phi))
+    """The scale of the controls at the start `phi`: `w·g` for a controller whose
+    objective weighs the loss by `w > 0` (a leak `α = 1/w`: weak control makes the
+    controls small), else `g`, with `g = rms(∇L(φ))`.
+
+    `g` is kept above the rounding level of `∇L` itself, `√eps·rms(∇²L·φ)`: near a
+    minimum of the loss the gradient is rounding noise, and tolerances relative to it
+    could not be met. Both terms scale with the loss, so the units stay invariant to
+    the loss's scale. Zero only when `∇L(φ)` vanishes exactly."""
+    g, hessian_phi = jax.jvp(system.loss_grad, (phi,), (phi,))
+    g = tree_rms(g)
+    eps = jnp.finfo(g.dtype).eps
+    floor = jnp.sqrt(eps) * tree_rms(hessian_phi).astype(g.dtype)
+    g = jnp.where(g > 0, jnp.maximum(g, floor), g)
     w = jnp.asarray(controller.loss_weight(), g.dtype)
     return jnp.where(w > 0, g * w, g)
 
