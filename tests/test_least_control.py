@@ -486,7 +486,7 @@ def test_error_divergence():
 
 def test_error_max_steps():
     kwargs = dict(solver=lcp.DiscreteTime(step_size=0.5), max_steps=100)
-    with pytest.raises(Exception, match=r"did not reach the controlled equilibrium"):
+    with pytest.raises(Exception, match=r"was not reached within `max_steps`"):
         lcp.least_control_grad(_f, _loss, _theta0, jnp.zeros(N), _args0, **kwargs)
     _, info = lcp.least_control_grad(
         _f, _loss, _theta0, jnp.zeros(N), _args0, throw=False, **kwargs
