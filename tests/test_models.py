@@ -243,7 +243,9 @@ def test_modulated_linear_feedback_recovers_di_with_the_unit_free_feedback():
     d = jnp.diag(1 - jnp.tanh(h0[0]) ** 2)
     q_h = jnp.linalg.solve(jnp.eye(7) - model.W.T @ d, model.R.T)
     q = jnp.concatenate([q_h, jnp.eye(3)])
-    tight = dict(alpha=1e4, rtol=1e-13, atol=1e-13, max_steps=4096)
+    # Tolerances are relative to the learning signal: 1e-13 is below what LF's
+    # Anderson iteration reaches in float64 (the solve stalls, every example fails).
+    tight = dict(alpha=1e4, rtol=1e-12, atol=1e-12, max_steps=4096)
     g_di, _, _ = LeastControl(variant="di", **tight)(
         model, None, x, labels, jax.random.key(0)
     )
