@@ -100,7 +100,8 @@ def _raise(result, value, *, solver: AbstractInnerSolver, what: str):
     # under vmap): divergence names the solver and what to change for it, every other
     # failure gives its RESULTS message.
     diverged = (
-        f"{what}: the dynamics diverged under the solver {solver.name()} (non-finite "
+        f"{what}: the controlled dynamics diverged under the solver {solver.name()} "
+        "(non-finite "
         "or exploding state or control). The free dynamics are unstable or the "
         f"control is too strong for this solver: {solver.divergence_hint()}."
     )
