@@ -93,17 +93,7 @@ def _masked_root_loss(adjoint, form):
     return loss
 
 
-_xfail_a = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind a: a zero cotangent at a failed forward solve gives NaN "
-    "(throw=False), or lineax's non-finite error / 'did not converge within "
-    "max_steps' (throw=True), instead of a zero update",
-)
-
-
-@pytest.mark.parametrize(
-    "throw", [pytest.param(False, marks=_xfail_a), pytest.param(True, marks=_xfail_a)]
-)
+@pytest.mark.parametrize("throw", [False, True])
 @pytest.mark.parametrize("form", ["root_find", "fixed_point"])
 def test_a_masked_failed_solve_adjoint(form, throw):
     b = jnp.array(-1.0)
@@ -130,15 +120,8 @@ def _failing_solver(form):
     return solver
 
 
-@pytest.mark.parametrize(
-    "form,throw",
-    [
-        pytest.param("root", False, marks=_xfail_a),
-        pytest.param("root", True, marks=_xfail_a),
-        ("fixed_point", False),
-        pytest.param("fixed_point", True, marks=_xfail_a),
-    ],
-)
+@pytest.mark.parametrize("throw", [False, True])
+@pytest.mark.parametrize("form", ["root", "fixed_point"])
 def test_a_masked_failed_solve_decorators(form, throw):
     if form == "root":
         decorator = lcp.custom_root(lambda y, b: y**2 - b, has_aux=True, throw=throw)
@@ -156,15 +139,8 @@ def test_a_masked_failed_solve_decorators(form, throw):
     assert grad == 0, grad
 
 
-@pytest.mark.parametrize(
-    "solver,throw",
-    [
-        ("newton", False),
-        pytest.param("newton", True, marks=_xfail_a),
-        ("anderson", False),
-        pytest.param("anderson", True, marks=_xfail_a),
-    ],
-)
+@pytest.mark.parametrize("throw", [False, True])
+@pytest.mark.parametrize("solver", ["newton", "anderson"])
 def test_a_masked_failed_solve_deq(solver, throw):
     # z = z**2 + x has no real fixed point at x = 1.
     forward = {
@@ -230,16 +206,9 @@ def test_a_identically_zero_loss(entry, case):
 #    1e200 (or 1e-200) in float64, must neither overflow nor underflow.
 # ---------------------------------------------------------------------------------
 
-_xfail_b = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind b: rms of the cotangent overflows (NaN) or underflows "
-    "(zero update) at extreme loss scales",
-)
 # custom_root and DEQ share these code paths with custom_fixed_point and fixed_point.
 _scale_cases = [
-    pytest.param(
-        dtype, entry, scale, marks=_xfail_b, id=f"{dtype.__name__}-{entry}-{scale:g}"
-    )
+    pytest.param(dtype, entry, scale, id=f"{dtype.__name__}-{entry}-{scale:g}")
     for dtype, entries, scales in [
         (
             jnp.float32,
@@ -414,18 +383,19 @@ def test_c_objective_first_order_matches_finite_differences():
 _xfail_c = pytest.mark.xfail(
     strict=True,
     reason="issue 14 kind c: second derivatives of least_control_objective are "
-    "silently wrong (relative error 1.27 here: the controlled equilibrium is held "
-    "fixed)",
+    "silently wrong: jax.jacrev(jax.grad(...)) has relative error 1.27 here (the "
+    "controlled equilibrium is held fixed); jax.hessian raises a clear error",
 )
 
 
 @pytest.mark.parametrize(
     "second",
     [
-        pytest.param(jax.hessian, marks=_xfail_c, id="hessian"),
+        pytest.param(jax.hessian, id="hessian"),
         pytest.param(
             lambda g: jax.jacrev(jax.grad(g)), marks=_xfail_c, id="jacrev_grad"
         ),
+        pytest.param(lambda g: jax.jacfwd(jax.grad(g)), id="jacfwd_grad"),
     ],
 )
 def test_c_objective_second_order(second):
@@ -459,8 +429,18 @@ def _readout3(y):
     return jnp.sum(jnp.sin(y) * jnp.arange(1.0, y.size + 1)) + 0.5 * jnp.sum(y**2)
 
 
+_xfail_c_dropin = pytest.mark.xfail(
+    strict=True,
+    reason="issue 14 kind c (sibling): jax.hessian through custom_fixed_point is "
+    "silently wrong (relative error 0.65 against finite differences of its jax.grad)",
+)
+
+
 # (root_find shares the backward pass of fixed_point.)
-@pytest.mark.parametrize("entry", ["fixed_point", "custom_fixed_point"])
+@pytest.mark.parametrize(
+    "entry",
+    ["fixed_point", pytest.param("custom_fixed_point", marks=_xfail_c_dropin)],
+)
 def test_c_adjoint_hessian(entry):
     # The derivative of the least-control update (a function of w): an error that
     # says second order is unsupported, or its value.
@@ -472,12 +452,6 @@ def test_c_adjoint_hessian(entry):
 #    enters additively: equals jacrev(grad) of each component, and ImplicitAdjoint's
 #    at weak control.
 # ---------------------------------------------------------------------------------
-
-_xfail_d = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind d: jacrev(jacrev) through LeastControlAdjoint crashes in "
-    "equinox ('got axis spec None but output was batched') for an additive parameter",
-)
 
 
 def _additive_out(entry, adjoint):
@@ -509,7 +483,6 @@ def _additive_out(entry, adjoint):
     raise ValueError(entry)
 
 
-@_xfail_d
 def test_d_jacrev_jacrev_matches_jacrev_grad():
     # Row i of jacrev(jacrev(out)) is jacrev(grad) of output i: both differentiate
     # the least-control VJP for the cotangent e_i in a.
@@ -523,10 +496,7 @@ def test_d_jacrev_jacrev_matches_jacrev_grad():
 
 
 # FixedPointIteration forward: the same backward path as AndersonAcceleration's.
-@pytest.mark.parametrize(
-    "entry",
-    [pytest.param(e, marks=_xfail_d) for e in ("fixed_point", "root_find", "deq")],
-)
+@pytest.mark.parametrize("entry", ["fixed_point", "root_find", "deq"])
 def test_d_jacrev_jacrev_additive_weak_control(entry):
     # At weak control the least-control VJP is the implicit one, as a function of a.
     a = jnp.array([0.1, -0.2, 0.3])
@@ -535,7 +505,6 @@ def test_d_jacrev_jacrev_additive_weak_control(entry):
     assert_tree_close(jax.jacrev(jax.jacrev(out))(a), reference, 1e-5)
 
 
-@_xfail_d
 def test_d_jacrev_jacrev_custom_fixed_point():
     a = jnp.array([0.1, -0.2, 0.3])
     T = lambda z, a: jnp.tanh(W3 @ z) + a
@@ -597,22 +566,9 @@ def _complex_grad(entry, adjoint, theta):
     return jax.grad(lambda th: _complex_loss(solve(th)))(theta)
 
 
-_xfail_e = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind e: complex states crash (AndersonAcceleration's error "
-    "state takes the complex dtype; strict promotion in the scaling helper)",
-)
-
-
+@pytest.mark.parametrize("promotion", ["standard", "strict"])
 @pytest.mark.parametrize(
-    "entry,promotion",
-    [
-        pytest.param(entry, promotion, marks=_xfail_e)
-        if (entry, promotion) != ("root_find", "standard")
-        else (entry, promotion)
-        for entry in ("fixed_point_iteration", "anderson", "root_find", "deq")
-        for promotion in ("standard", "strict")
-    ],
+    "entry", ["fixed_point_iteration", "anderson", "root_find", "deq"]
 )
 def test_e_complex_state(entry, promotion):
     theta = (jnp.array([0.1, -0.2, 0.3]), jnp.array([0.2j, 0.1, -0.1 + 0.1j]))
@@ -623,7 +579,6 @@ def test_e_complex_state(entry, promotion):
     assert_tree_close(grad, reference, 1e-6)
 
 
-@_xfail_e
 def test_e_complex_custom_fixed_point():
     theta = (jnp.array([0.1, -0.2, 0.3]), jnp.array([0.2j, 0.1, -0.1 + 0.1j]))
     inner = lambda init, th: (
@@ -641,7 +596,6 @@ def test_e_complex_custom_fixed_point():
     assert_tree_close(grad, reference, 1e-6)
 
 
-@_xfail_e
 @pytest.mark.parametrize("promotion", ["standard", "strict"])
 def test_e_anderson_complex_fixed_point(promotion):
     # z = A z + b, closed form (I - A)^{-1} b.
@@ -694,18 +648,7 @@ def _decorators(form):
     return ours(_iterate_solver), theirs(_iterate_solver)
 
 
-_xfail_f1 = pytest.mark.xfail(
-    strict=True, reason="issue 14 kind f(1): init_params=None is rejected"
-)
-
-
-@pytest.mark.parametrize(
-    "form",
-    [
-        pytest.param("fixed_point", marks=_xfail_f1),
-        pytest.param("root", marks=_xfail_f1),
-    ],
-)
+@pytest.mark.parametrize("form", ["fixed_point", "root"])
 def test_f_init_params_none(form):
     ours, theirs = _decorators(form)
     grads = [
@@ -713,13 +656,6 @@ def test_f_init_params_none(form):
         for solve in (ours, theirs)
     ]
     assert_tree_close(grads[0], grads[1], 1e-6)
-
-
-_xfail_f2 = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind f(2): differentiating a Python float argument fails "
-    "('Closure-converted function called with different dynamic arguments')",
-)
 
 
 def _scalar_decorators(form):
@@ -741,13 +677,7 @@ def _scalar_decorators(form):
 
 
 @pytest.mark.parametrize("keyword", [False, True])
-@pytest.mark.parametrize(
-    "form",
-    [
-        pytest.param("fixed_point", marks=_xfail_f2),
-        pytest.param("root", marks=_xfail_f2),
-    ],
-)
+@pytest.mark.parametrize("form", ["fixed_point", "root"])
 def test_f_grad_wrt_python_float(form, keyword):
     # jax.grad(loss)(1.0) where the Python float itself is the solver's argument.
     def make(solve):
@@ -786,8 +716,9 @@ def test_f_python_float_argument_not_differentiated():
 
 _xfail_f3 = pytest.mark.xfail(
     strict=True,
-    reason="issue 14 kind f(3): keyword arguments are not bound to the function's "
-    "signature (TypeError: unexpected keyword argument)",
+    reason="issue 14 kind f(3): arguments are passed on as given instead of bound to "
+    "the signatures as jaxopt does (TypeError: positional-only arguments passed as "
+    "keyword arguments / missing required positional argument 'init_params')",
 )
 _calls = {
     "keywords": lambda solve, w, b: solve(jnp.zeros(3), w=w, b=b),
@@ -853,20 +784,7 @@ def test_f_keywords_bound_to_signature(case):
     assert_tree_close(grads[0], grads[1], 1e-6)
 
 
-_xfail_f4 = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind f(4): a function returning (value, aux) fails with a pytree "
-    "structure error inside the backward pass",
-)
-
-
-@pytest.mark.parametrize(
-    "form",
-    [
-        pytest.param("fixed_point", marks=_xfail_f4),
-        pytest.param("root", marks=_xfail_f4),
-    ],
-)
+@pytest.mark.parametrize("form", ["fixed_point", "root"])
 def test_f_function_returning_aux_is_refused(form):
     fun = (
         (lambda x, w, b: (_jT(x, w, b), None))
@@ -894,16 +812,10 @@ def _f_3(phi, theta, args):
     return jnp.tanh(theta["W"] @ phi + args[0]) - phi
 
 
-_xfail_g = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind g: an integer leaf in theta raises TypeError in zeros_like",
-)
-
-
 @pytest.mark.parametrize(
     "n", [pytest.param(3, id="python_int"), pytest.param(jnp.array(3), id="int_array")]
 )
-@pytest.mark.parametrize("entry", [pytest.param("objective", marks=_xfail_g), "grad"])
+@pytest.mark.parametrize("entry", ["objective", "grad"])
 def test_g_integer_leaf_in_theta(entry, n):
     theta = {"W": W3, "n": n}
     args, phi0 = (X3, T3), jnp.zeros(3)
@@ -961,12 +873,6 @@ def _assert_blames(excinfo, must, must_not):
 _WRONG_FORWARD_BLAME = r"loss downstream|downstream of the implicit layer"
 _WRONG_INPUT_BLAME = r"is unstable|raise (the controller's )?`?alpha"
 
-_xfail_h_forward = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind h: a NaN forward solve (throw=False) is blamed on the loss "
-    "downstream",
-)
-
 
 def _nan_forward(entry):
     # sqrt of a negative state: the forward solve is NaN from its first step.
@@ -992,11 +898,7 @@ def _nan_forward(entry):
 
 
 @pytest.mark.parametrize(
-    "entry",
-    [
-        pytest.param(e, marks=_xfail_h_forward)
-        for e in ("fixed_point", "root_find", "custom_fixed_point", "deq")
-    ],
+    "entry", ["fixed_point", "root_find", "custom_fixed_point", "deq"]
 )
 def test_h_nan_forward_solve_blamed_on_forward(entry):
     out = _nan_forward(entry)
@@ -1006,21 +908,16 @@ def test_h_nan_forward_solve_blamed_on_forward(entry):
     _assert_blames(excinfo, r"forward", _WRONG_FORWARD_BLAME)
 
 
-_xfail_h_input = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind h: a NaN input to least_control_grad/objective is blamed "
-    "on an unstable f ('raise alpha')",
-)
 _nan = jnp.array([jnp.nan, 0.0, 0.0])
 
 
 @pytest.mark.parametrize(
     "where,name",
     [
-        pytest.param("theta", "theta", marks=_xfail_h_input),
-        pytest.param("phi0", "phi0", marks=_xfail_h_input),
-        pytest.param("args_input", "args", marks=_xfail_h_input),
-        pytest.param("args_target", "args", marks=_xfail_h_input),
+        ("theta", "theta"),
+        ("phi0", "phi0"),
+        ("args_input", "args"),
+        ("args_target", "args"),
     ],
 )
 @pytest.mark.parametrize("entry", ["grad", "objective"])
@@ -1045,18 +942,12 @@ def test_h_nan_input_named(entry, where, name):
 #    work and agree with the float64 result to float32 accuracy.
 # ---------------------------------------------------------------------------------
 
-_xfail_i = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind i: float32 state under x64 crashes in optimistix's "
-    "FixedPointIteration (body_fun structure error)",
-)
-
 
 @pytest.mark.parametrize(
     "solver",
     [
-        pytest.param(lcp.IMEX(), marks=_xfail_i, id="imex"),
-        pytest.param(lcp.DiscreteTime(step_size=0.5), marks=_xfail_i, id="discrete"),
+        pytest.param(lcp.IMEX(), id="imex"),
+        pytest.param(lcp.DiscreteTime(step_size=0.5), id="discrete"),
         pytest.param(
             lcp.DiscreteTime(0.5, lcp.AndersonAcceleration(rtol=1e-6, atol=1e-6)),
             id="discrete_anderson",
@@ -1067,9 +958,10 @@ _xfail_i = pytest.mark.xfail(
 def test_i_float32_state_under_x64(entry, solver):
     def run(dtype):
         args = (X3.astype(dtype), T3.astype(dtype))
-        kw = dict(
-            controller=lcp.DynamicInversion(alpha=0.5), solver=solver, max_steps=2000
-        )
+        # Proportional DI at alpha = 1: plain Euler at step 0.5 converges (in about
+        # 120 steps in float64), so any failure is the dtype's, not the solver's.
+        controller = lcp.DynamicInversion(alpha=1.0, proportional=True)
+        kw = dict(controller=controller, solver=solver, max_steps=2000)
         if entry == "grad":
             return lcp.least_control_grad(
                 _f, _sq_loss, W3.astype(dtype), jnp.zeros(3, dtype), args, **kw
@@ -1090,10 +982,15 @@ def test_i_float32_state_under_x64(entry, solver):
 #    finders (documented), while a dynamics-following solver reports divergence.
 # ---------------------------------------------------------------------------------
 
-_xfail_j = pytest.mark.xfail(
+_xfail_j_nan = pytest.mark.xfail(
     strict=True,
-    reason="issue 14 kind j: a non-positive strength/alpha given as an array is "
-    "accepted silently",
+    reason="issue 14 kind j: a NaN strength given as an array is reported as "
+    "diverged dynamics ('lower step_size'), not as a bad `strength`",
+)
+_xfail_j_gain = pytest.mark.xfail(
+    strict=True,
+    reason="issue 14 kind j: a negative alpha/beta given as an array is accepted "
+    "silently",
 )
 
 
@@ -1111,17 +1008,10 @@ def _fp_loss(adjoint):
     [
         pytest.param(jnp.array(-1e-3), id="negative"),
         pytest.param(jnp.array(0.0), id="zero"),
-        pytest.param(jnp.array(jnp.nan), id="nan"),
+        pytest.param(jnp.array(jnp.nan), id="nan", marks=_xfail_j_nan),
     ],
 )
-@pytest.mark.parametrize(
-    "entry",
-    [
-        pytest.param("adjoint", marks=_xfail_j),
-        pytest.param("custom_fixed_point", marks=_xfail_j),
-        pytest.param("deq", marks=_xfail_j),
-    ],
-)
+@pytest.mark.parametrize("entry", ["adjoint", "custom_fixed_point", "deq"])
 def test_j_array_strength_checked(entry, strength):
     with pytest.raises(Exception) as excinfo:
         if entry == "adjoint":
@@ -1147,7 +1037,7 @@ def test_j_array_strength_checked(entry, strength):
     _assert_blames(excinfo, r"strength", r"diverged|did not converge")
 
 
-@_xfail_j
+@_xfail_j_gain
 @pytest.mark.parametrize(
     "make,name",
     [
