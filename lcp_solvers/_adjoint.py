@@ -118,7 +118,7 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
             )
         fixed_point_form = isinstance(forward_solver, optx.AbstractFixedPointSolver)
         inputs = inputs + (_while_loop,)
-        root, residual = _least_control_impl(
+        root, residual = least_control_layer(
             primal_fn, rewrite_fn, inputs, self, fixed_point_form
         )
         return root, jax.lax.stop_gradient(residual)
@@ -171,18 +171,6 @@ def _while_loop(cond_fun, body_fun, init_val, *, max_steps=None, **kwargs):
     return out
 
 
-def least_control_vjp(
-    f, root, theta, grad_root, *, adjoint, fixed_point_form, forward_solver=None
-):
-    """`-(∂θ f(y_c))ᵀ ψ / β` with the structure of `theta` (`None` where `theta` has
-    no inexact arrays): the drop-in least-control cotangent. Shared by
-    `LeastControlAdjoint` and the jaxopt-style decorators."""
-    y_c, weight = _cotangent(
-        f, root, theta, grad_root, adjoint, fixed_point_form, forward_solver
-    )
-    return theta_vjp(lambda t: f(y_c, t), theta, weight)
-
-
 def _cotangent(
     f,
     root,
@@ -230,19 +218,19 @@ def _cotangent(
 # forward mode stays available. The primitive is built on JAX's public extension
 # points (`jax.extend.core.Primitive`, `jax.interpreters.{ad,batching,mlir}`).
 @eqx.filter_custom_jvp
-def _least_control_impl(primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form):
+def least_control_layer(primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form):
     del rewrite_fn, adjoint, fixed_point_form
     return jtu.tree_map(jnp.asarray, primal_fn(inputs))
 
 
-@_least_control_impl.def_jvp
+@least_control_layer.def_jvp
 def _least_control_jvp(primals, tangents):
     primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form = primals
     t_inputs = tangents[2]
     no_tangent = jtu.tree_map(is_none, t_inputs, is_leaf=is_none)
     nondiff, diff = eqx.partition(inputs, no_tangent, is_leaf=is_none)
     t_diff = eqx.filter(t_inputs, jtu.tree_map(lambda x: not x, no_tangent))
-    root, residual = _least_control_impl(
+    root, residual = least_control_layer(
         primal_fn, rewrite_fn, inputs, adjoint, fixed_point_form
     )
     problem = _Problem(t_diff, root, residual, diff, nondiff)

@@ -30,6 +30,18 @@ def _u_velocity(system: ControlledSystem, phi, u, alpha):
     return jtu.tree_map(velocity, g, u, system.output_mask)
 
 
+def _u_residual(system: ControlledSystem, phi, u, alpha):
+    # The root of `_u_velocity` in units of u: with a leak, u̇/α = -∇L/α - u. The
+    # velocity itself is α times larger and, at a strong leak, the difference of two
+    # large nearly equal terms: a root finder's test |r| < atol could then not be met
+    # in float32 for an α of order 1e9 although u has converged.
+    alpha_pos = jnp.asarray(alpha) > 0
+    scale = jnp.where(alpha_pos, jnp.where(alpha_pos, alpha, 1), 1)
+    return jtu.tree_map(
+        lambda v: v / _like(scale, v), _u_velocity(system, phi, u, alpha)
+    )
+
+
 def _proportional_u(system: ControlledSystem, phi, alpha):
     # u = -∇L/α on the outputs: the proportional controller, and any leaky output
     # controller's steady state.
@@ -178,6 +190,12 @@ class DynamicInversion(AbstractImexController):
         return f_phi, jt
 
     def init(self, system, phi):
+        phi = _check_gain(
+            phi,
+            self.alpha,
+            ~(jnp.asarray(self.alpha) >= 0),
+            "`DynamicInversion(alpha=...)` must be >= 0 (and not NaN).",
+        )
         zeros = jtu.tree_map(jnp.zeros_like, phi)
         # Proportional control needs no memory of its own: u = -∇L/α is a function
         # of the state, so only (φ, ψ) are unknowns.
@@ -195,6 +213,13 @@ class DynamicInversion(AbstractImexController):
         f_phi, jt = self._jt_psi(system, phi, psi)
         u_dot = _u_velocity(system, phi, u, self.alpha)
         return _add(f_phi, psi), _add(jt, u), u_dot
+
+    def residual(self, system, state):
+        if self.proportional:
+            return self.velocity(system, state)
+        phi, psi, u = state
+        f_phi, jt = self._jt_psi(system, phi, psi)
+        return _add(f_phi, psi), _add(jt, u), _u_residual(system, phi, u, self.alpha)
 
     # With alpha > 0 the steady state has u = -∇L/α, a function of the state, whether
     # the controller is proportional or integral: IMEX then iterates (φ, ψ) only
@@ -287,6 +312,13 @@ class EnergyBased(AbstractImexController):
         return jnp.asarray(self.beta)
 
     def init(self, system, phi):
+        phi = _check_gain(
+            phi,
+            self.beta,
+            ~(jnp.asarray(self.beta) > 0),
+            "`EnergyBased(beta=...)` must be positive (it is 1/alpha of "
+            "`DynamicInversion`).",
+        )
         return (phi,)
 
     def velocity(self, system, state):
@@ -378,6 +410,12 @@ class LinearFeedback(AbstractController):
                 f"`LinearFeedback(Q=...)` must have shape (size(phi), "
                 f"size(output(phi))) = ({n}, {m}), got {jnp.shape(self.Q)}."
             )
+        phi = _check_gain(
+            phi,
+            self.alpha,
+            ~(jnp.asarray(self.alpha) >= 0),
+            "`LinearFeedback(alpha=...)` must be >= 0 (and not NaN).",
+        )
         return phi, jtu.tree_map(jnp.zeros_like, phi)
 
     def velocity(self, system, state):
@@ -385,6 +423,24 @@ class LinearFeedback(AbstractController):
         psi = _apply_q(self.Q, self.output, u, phi)
         return _add(system.velocity(phi), psi), _u_velocity(system, phi, u, self.alpha)
 
+    def residual(self, system, state):
+        phi, u = state
+        psi = _apply_q(self.Q, self.output, u, phi)
+        return _add(system.velocity(phi), psi), _u_residual(system, phi, u, self.alpha)
+
     def unpack(self, system, state):
         phi, u = state
         return phi, _apply_q(self.Q, self.output, u, phi), u
+
+
+def _check_gain(phi, gain, bad, message):
+    # A gain given as a Python number is checked at construction (`__check_init__`);
+    # one given as an array may be traced there, so it is checked here, at the start
+    # of every solve, where the check is part of the computation.
+    if isinstance(gain, (int, float)):
+        return phi
+    leaves, treedef = jtu.tree_flatten(phi)
+    if not leaves:
+        return phi
+    leaves[0] = eqx.error_if(leaves[0], jnp.any(bad), message)
+    return jtu.tree_unflatten(treedef, leaves)

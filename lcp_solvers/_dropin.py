@@ -2,6 +2,7 @@
 controlled equilibrium for the linearised loss `L(y) = ḡᵀy` under proportional
 dynamic inversion. Shared by `LeastControlAdjoint` and the jaxopt decorators."""
 
+import math
 from collections.abc import Callable
 
 import equinox as eqx
@@ -26,17 +27,19 @@ def _linear_loss(y, g_hat):
 
 def check_strength(strength, where: str):
     if isinstance(strength, (int, float)):
-        if not strength > 0:
+        if not (strength > 0 and math.isfinite(strength)):
             raise ValueError(
-                f"`{where}(strength=...)` must be positive, got {strength}. Use a "
-                "small value such as 1e-6 to recover the implicit gradient."
+                f"`{where}(strength=...)` must be positive and finite, got "
+                f"{strength}. Use a small value such as 1e-6 to recover the "
+                "implicit gradient."
             )
         return strength
+    strength = jnp.asarray(strength)
     return eqx.error_if(
-        jnp.asarray(strength),
-        jnp.asarray(strength) <= 0,
-        f"`{where}(strength=...)` must be positive. Use a small value such as 1e-6 "
-        "to recover the implicit gradient.",
+        strength,
+        ~((strength > 0) & jnp.isfinite(strength)),
+        f"`{where}(strength=...)` must be positive and finite. Use a small value such "
+        "as 1e-6 to recover the implicit gradient.",
     )
 
 

@@ -9,10 +9,9 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
-from jaxtyping import Array, PyTree
 
-from ._adjoint import least_control_vjp, LeastControlAdjoint
-from ._misc import is_none, structure_of, tree_sub
+from ._adjoint import least_control_layer, LeastControlAdjoint
+from ._misc import structure_of, tree_sub
 
 
 _FixedPointOrRoot = optx.AbstractFixedPointSolver | optx.AbstractRootFinder
@@ -55,10 +54,9 @@ def custom_fixed_point(
 
     Gradients flow to `*args` and `**kwargs` and to arrays that `fixed_point_fun`
     closes over (unlike jaxopt, which raises an error for those); `init_params` and
-    `aux` get none. Only reverse mode is supported: `jax.jvp`/`jax.jacfwd` through a
-    decorated solver raise JAX's error "can't apply forward-mode autodiff (jvp) to a
-    custom_vjp function"; use `lcp.LeastControlAdjoint` with `optx.fixed_point`, or
-    jaxopt's own `implicit_diff=True`, for forward-mode derivatives.
+    `aux` get none. Forward mode (`jax.jvp`, `jax.jacfwd`) gives the implicit
+    tangents, as [`lcp_solvers.LeastControlAdjoint`][] does (jaxopt's decorators are
+    reverse-mode only); reverse mode gives least-control updates.
 
     **Arguments:**
 
@@ -183,6 +181,10 @@ def _decorator(fn, f, fixed_point_form, has_aux, adjoint):
             f"{type(fn).__name__}."
         )
 
+    def rewrite_fn(y, residual, inputs):
+        del residual
+        return f(y, inputs[0])
+
     def wrapper(solver_fun: Callable) -> Callable:
         if not callable(solver_fun):
             raise ValueError(
@@ -192,7 +194,12 @@ def _decorator(fn, f, fixed_point_form, has_aux, adjoint):
             )
 
         @ft.wraps(solver_fun)
-        def solve(init_params: PyTree[Array], *args: Any, **kwargs: Any) -> Any:
+        def solve(*args: Any, **kwargs: Any) -> Any:
+            # As jaxopt: bound to the solver's signature (defaults applied), so that
+            # `init_params` may come by keyword and every argument the solver takes
+            # by position reaches `fn` by position.
+            args, kwargs = _bind_to_solver(solver_fun, args, kwargs)
+            init_params, args = args[0], args[1:]
             # The forward pass is the solver, untouched and not differentiated:
             # the solution does not depend on where the solver starts (as in jaxopt,
             # `init_params` gets no gradient) nor on how it was found (arrays the
@@ -228,8 +235,12 @@ def _decorator(fn, f, fixed_point_form, has_aux, adjoint):
             # custom VJP may not close over those, so hoist them into explicit inputs,
             # which get the least-control cotangent with `args` and `kwargs`.
             fn_conv = eqx.filter_closure_convert(fn, params, *args, **kwargs)
-            params = _least_control_call(
-                (fn_conv, args, kwargs), params, f, fixed_point_form, adjoint
+            # The same layer as `LeastControlAdjoint`'s, on optimistix's input layout
+            # `(θ, forward solver, ...)`: reverse mode is the least-control VJP,
+            # forward mode the implicit JVP.
+            inputs = ((fn_conv, args, kwargs), None, params)
+            params, _ = least_control_layer(
+                _given_root, rewrite_fn, inputs, adjoint, fixed_point_form
             )
             if has_aux:
                 return _replace_params(out, params)
@@ -247,6 +258,29 @@ def _same_shapes(a, b) -> bool:
         jnp.shape(x) == jnp.shape(y)
         for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True)
     )
+
+
+def _bind_to_solver(solver_fun, args, kwargs):
+    try:
+        signature = inspect.signature(solver_fun)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(
+                f"The decorated solver was called with arguments that do not match "
+                f"its signature {signature}: {e}"
+            ) from None
+        bound.apply_defaults()
+        args, kwargs = tuple(bound.args), dict(bound.kwargs)
+    if not args:
+        raise TypeError(
+            "The decorated solver must be called as "
+            "`solver(init_params, *args, **kwargs)`: `init_params` is missing."
+        )
+    return args, kwargs
 
 
 def _bind_to(fn, args, kwargs):
@@ -297,42 +331,7 @@ def _split_params(out, has_aux):
     return params
 
 
-@eqx.filter_custom_vjp
-def _least_control_call(vjp_arg, params, f, fixed_point_form, adjoint):
-    del vjp_arg, f, fixed_point_form, adjoint
-    return params
-
-
-@_least_control_call.def_fwd
-def _least_control_fwd(perturbed, vjp_arg, params, f, fixed_point_form, adjoint):
-    del perturbed, vjp_arg, f, fixed_point_form, adjoint
-    return params, params
-
-
-@_least_control_call.def_bwd
-def _least_control_bwd(
-    root, grad_root, perturbed, vjp_arg, params, f, fixed_point_form, adjoint
-):
-    del params
-    # Symbolic zeros (`None`) for outputs that do not reach the loss.
-    grad_root = jtu.tree_map(
-        lambda r, g: jnp.zeros_like(r) if g is None else g,
-        root,
-        grad_root,
-        is_leaf=is_none,
-    )
-    # Differentiate only what is perturbed, so that e.g. a non-differentiated weight
-    # closed over by `fn` costs nothing.
-    theta_diff, theta_nondiff = eqx.partition(vjp_arg, perturbed)
-    theta_bar = least_control_vjp(
-        lambda y, d: f(y, eqx.combine(d, theta_nondiff)),
-        root,
-        theta_diff,
-        grad_root,
-        adjoint=adjoint,
-        fixed_point_form=fixed_point_form,
-    )
-    return eqx.filter(
-        eqx.combine(theta_bar, jtu.tree_map(lambda _: None, theta_nondiff)),
-        eqx.is_inexact_array,
-    )
+def _given_root(inputs):
+    # The layer's primal: the solution the (opaque) solver returned, no residual.
+    _, _, root = inputs
+    return root, None

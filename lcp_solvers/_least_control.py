@@ -311,7 +311,7 @@ def _first_order_only_jvp(primals, tangents):
     ):
         raise ValueError(
             "Second derivatives of `least_control_objective` (e.g. `jax.hessian`, "
-            "`jax.jacfwd(jax.grad(...))`) are not supported: its derivative is the "
+            "`jax.jacrev(jax.grad(...))`) are not supported: its derivative is the "
             "least-control update at the controlled equilibrium, and how that "
             "equilibrium moves with `theta` is not computed. Differentiate the update "
             "itself by finite differences, or use implicit differentiation "
@@ -370,10 +370,20 @@ def _objective_jvp(primals, tangents):
         return sum(jtu.tree_leaves(products), jnp.zeros((), value.dtype))
 
     _, t_value = jax.jvp(work, (diff_theta,), (t_diff,))
-    # Instantiated (not symbolic) zeros: an outer derivative then reaches
-    # `_first_order_only` above and raises, instead of seeing constants.
-    t_info = jax.custom_derivatives.zero_from_primal(  # pyright: ignore
-        info, symbolic_zeros=False
+    # Zeros that depend on the input tangent, so that no trace (`jvp`, or the
+    # `linearize` of reverse mode, which drops tangents that are constants) sees
+    # them as symbolic: an outer derivative then reaches `_first_order_only` above
+    # and raises, instead of treating the equilibrium as a constant.
+    linked_zero = 0 * t_value
+    t_info = jtu.tree_map(
+        lambda x: (
+            jnp.broadcast_to(linked_zero.astype(x.dtype), x.shape)
+            if eqx.is_inexact_array(x)
+            else jax.custom_derivatives.zero_from_primal(  # pyright: ignore
+                x, symbolic_zeros=False
+            )
+        ),
+        info,
     )
     return (value, info), (t_value.astype(value.dtype), t_info)
 

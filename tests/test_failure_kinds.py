@@ -271,17 +271,10 @@ def test_b_adjoint_scale_invariance(dtype, entry, scale):
     assert_tree_close(grad_scaled / scale, grad, 1e-4 if dtype == jnp.float32 else 1e-9)
 
 
-_xfail_b_di = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind b: DI with loss and alpha scaled by 1e20 in float32 does "
-    "not reach the controlled equilibrium (tolerance not relative to the loss scale)",
-)
-
-
 @pytest.mark.parametrize(
     "controller,scale",
     [
-        pytest.param("di", 1e20, marks=_xfail_b_di),
+        ("di", 1e20),
         ("di", 1e-20),
         ("ebd", 1e20),
         ("ebd", 1e-20),
@@ -380,21 +373,11 @@ def test_c_objective_first_order_matches_finite_differences():
     assert_tree_close(grad, grad_lcg, 1e-9)
 
 
-_xfail_c = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind c: second derivatives of least_control_objective are "
-    "silently wrong: jax.jacrev(jax.grad(...)) has relative error 1.27 here (the "
-    "controlled equilibrium is held fixed); jax.hessian raises a clear error",
-)
-
-
 @pytest.mark.parametrize(
     "second",
     [
         pytest.param(jax.hessian, id="hessian"),
-        pytest.param(
-            lambda g: jax.jacrev(jax.grad(g)), marks=_xfail_c, id="jacrev_grad"
-        ),
+        pytest.param(lambda g: jax.jacrev(jax.grad(g)), id="jacrev_grad"),
         pytest.param(lambda g: jax.jacfwd(jax.grad(g)), id="jacfwd_grad"),
     ],
 )
@@ -429,17 +412,10 @@ def _readout3(y):
     return jnp.sum(jnp.sin(y) * jnp.arange(1.0, y.size + 1)) + 0.5 * jnp.sum(y**2)
 
 
-_xfail_c_dropin = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind c (sibling): jax.hessian through custom_fixed_point is "
-    "silently wrong (relative error 0.65 against finite differences of its jax.grad)",
-)
-
-
 # (root_find shares the backward pass of fixed_point.)
 @pytest.mark.parametrize(
     "entry",
-    ["fixed_point", pytest.param("custom_fixed_point", marks=_xfail_c_dropin)],
+    ["fixed_point", "custom_fixed_point"],
 )
 def test_c_adjoint_hessian(entry):
     # The derivative of the least-control update (a function of w): an error that
@@ -714,12 +690,6 @@ def test_f_python_float_argument_not_differentiated():
     assert_tree_close(grads[0], grads[1], 1e-6)
 
 
-_xfail_f3 = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind f(3): arguments are passed on as given instead of bound to "
-    "the signatures as jaxopt does (TypeError: positional-only arguments passed as "
-    "keyword arguments / missing required positional argument 'init_params')",
-)
 _calls = {
     "keywords": lambda solve, w, b: solve(jnp.zeros(3), w=w, b=b),
     "keywords_reordered": lambda solve, w, b: solve(jnp.zeros(3), b=b, w=w),
@@ -759,8 +729,8 @@ def _iterate_solver_named(init, w, b):
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param("positional_only_function", marks=_xfail_f3),
-        pytest.param("init_by_keyword", marks=_xfail_f3),
+        "positional_only_function",
+        "init_by_keyword",
     ],
 )
 def test_f_keywords_bound_to_signature(case):
@@ -982,17 +952,6 @@ def test_i_float32_state_under_x64(entry, solver):
 #    finders (documented), while a dynamics-following solver reports divergence.
 # ---------------------------------------------------------------------------------
 
-_xfail_j_nan = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind j: a NaN strength given as an array is reported as "
-    "diverged dynamics ('lower step_size'), not as a bad `strength`",
-)
-_xfail_j_gain = pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 kind j: a negative alpha/beta given as an array is accepted "
-    "silently",
-)
-
 
 def _fp_loss(adjoint):
     return lambda w: _readout(
@@ -1008,7 +967,7 @@ def _fp_loss(adjoint):
     [
         pytest.param(jnp.array(-1e-3), id="negative"),
         pytest.param(jnp.array(0.0), id="zero"),
-        pytest.param(jnp.array(jnp.nan), id="nan", marks=_xfail_j_nan),
+        pytest.param(jnp.array(jnp.nan), id="nan"),
     ],
 )
 @pytest.mark.parametrize("entry", ["adjoint", "custom_fixed_point", "deq"])
@@ -1037,7 +996,6 @@ def test_j_array_strength_checked(entry, strength):
     _assert_blames(excinfo, r"strength", r"diverged|did not converge")
 
 
-@_xfail_j_gain
 @pytest.mark.parametrize(
     "make,name",
     [

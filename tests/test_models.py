@@ -406,12 +406,15 @@ def test_meta_gradients_against_independent_formulas():
     hess = jax.hessian(inner)(phi_star, omega)
     g_eval = jax.grad(learner.mse)(phi_star, xq, yq)
     expected = lam * jnp.linalg.solve(hess, g_eval)
+    # Relative errors over the whole vector: two independent inner solves (to
+    # 1e-10 and by BFGS) agree to about 1e-8 in φ, which is elementwise large for
+    # the small components of ω - φ⋆ (measured up to 8.5e-6 at the dependency floors).
     got, _ = meta_gradient("imaml", learner, omega, task0)
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    assert_tree_close(got, expected, 1e-6)
     got, _ = meta_gradient("fomaml-prox", learner, omega, task0)
-    np.testing.assert_allclose(got, g_eval, rtol=1e-6, atol=1e-9)
+    assert_tree_close(got, g_eval, 1e-6)
     got, _ = meta_gradient("reptile-prox", learner, omega, task0)
-    np.testing.assert_allclose(got, omega - phi_star, rtol=1e-6, atol=1e-9)
+    assert_tree_close(got, omega - phi_star, 1e-6)
     # FOMAML and Reptile proper: gradient descent on the support MSE, unrolled here.
     phi = omega
     for _ in range(7):
