@@ -38,20 +38,26 @@ def resolve_tolerances(rtol, atol, tree, reference=None) -> tuple[float, float]:
 
 
 def control_scale(
-    system: ControlledSystem, controller: AbstractController, phi: PyTree[Array]
+    system: ControlledSystem,
+    controller: AbstractController,
+    phi: PyTree[Array],
+    atol: float,
 ) -> Array:
     """The scale of the controls at the start `phi`: `w·g` for a controller whose
     objective weighs the loss by `w > 0` (a leak `α = 1/w`: weak control makes the
     controls small), else `g`, with `g = rms(∇L(φ))`.
 
-    `g` is kept above the rounding level of `∇L` itself, `√eps·rms(∇²L·φ)`: near a
-    minimum of the loss the gradient is rounding noise, and tolerances relative to it
-    could not be met. Both terms scale with the loss, so the units stay invariant to
-    the loss's scale. Zero only when `∇L(φ)` vanishes exactly."""
+    `g` is kept above the rounding level of `∇L` itself: near a minimum of the loss
+    the gradient is rounding noise, of order `eps·rms(∇²L·φ)`, and in units smaller
+    than `10·eps/atol` times that noise a solver's test `|residual| < atol` could
+    never be met (nor, below `√eps`, a relative one). Both terms scale with the loss,
+    so the units stay invariant to the loss's scale. Zero only when `∇L(φ)` vanishes
+    exactly."""
     g, hessian_phi = jax.jvp(system.loss_grad, (phi,), (phi,))
     g = tree_rms(g)
     eps = jnp.finfo(g.dtype).eps
-    floor = jnp.sqrt(eps) * tree_rms(hessian_phi).astype(g.dtype)
+    floor = jnp.maximum(jnp.sqrt(eps), 10 * eps / jnp.asarray(atol, g.dtype))
+    floor = floor * tree_rms(hessian_phi).astype(g.dtype)
     g = jnp.where(g > 0, jnp.maximum(g, floor), g)
     w = jnp.asarray(controller.loss_weight(), g.dtype)
     return jnp.where(w > 0, g * w, g)
@@ -145,19 +151,18 @@ def controlled_equilibrium(
     """The controlled equilibrium of `controller` acting on `system`, warm-started at
     `phi0` (a free equilibrium) with the control off.
 
-    The solver works in units where the controls are divided by
-    `control_scale(system, controller, phi0)`, so that `rtol`/`atol` are relative to
-    the learning signal whatever the loss's scale or the controller's leak. Where
-    `∇L(phi0)` vanishes identically the free equilibrium is already controlled (zero
-    control), and no solve runs: a zero learning signal has a zero update even at a
-    state where the solve could not run (e.g. a failed forward solve that the loss
-    masks out).
+    The solver works in units where the controls are divided by `control_scale(system,
+    controller, phi0, atol)`, so that `rtol`/`atol` are relative to the learning signal
+    whatever the loss's scale or the controller's leak. Where `∇L(phi0)` vanishes
+    identically the free equilibrium is already controlled (zero control), and no solve
+    runs: a zero learning signal has a zero update even at a state where the solve could
+    not run (e.g. a failed forward solve that the loss masks out).
 
     **Returns:** `(state, result, num_steps)`: the extended state `(phi, *controls)`
     in the controller's own units, a `RESULTS`, and the solver's step count. With
     `throw=True` a failure raises, its message starting with `what`.
     """
-    scale = control_scale(system, controller, phi0)
+    scale = control_scale(system, controller, phi0, atol)
     to_units, from_units = _units(scale)
     z0 = to_units(controller.init(system, phi0))
 
