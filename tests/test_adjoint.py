@@ -303,17 +303,17 @@ def test_finite_strength_matches_leaky_objective(strength, solver_name):
     assert tree_rel_error(got, implicit) > 1e-3  # finite strength is not implicit
 
 
-def test_strength_is_invariant_to_loss_scale():
+@pytest.mark.parametrize("scale", [1e-4, 1e3])
+def test_strength_is_invariant_to_loss_scale(scale):
     params, x = _params(9)
     solver = fixed_point_solvers["anderson"]
     adjoint = lcp.LeastControlAdjoint(strength=0.5)
     base = jax.grad(_fixed_point_loss)(params, x, solver, adjoint)
-    for scale in (1e-4, 1e3):
-        scaled = jax.grad(lambda p, s: s * _fixed_point_loss(p, x, solver, adjoint))(
-            params, scale
-        )
-        unscaled = jtu.tree_map(lambda g, s=scale: g / s, scaled)
-        assert_tree_close(unscaled, base, rtol=1e-8)
+    scaled = jax.grad(lambda p, s: s * _fixed_point_loss(p, x, solver, adjoint))(
+        params, scale
+    )
+    unscaled = jtu.tree_map(lambda g: g / scale, scaled)
+    assert_tree_close(unscaled, base, rtol=1e-8)
 
 
 def test_tolerances_follow_forward_solver():
@@ -329,19 +329,6 @@ def test_tolerances_follow_forward_solver():
         errors[tol] = tree_rel_error(got, reference)
     assert errors[1e-12] < 1e-9
     assert errors[1e-4] > 10 * errors[1e-12]
-
-
-def test_newton_krylov_backward():
-    params, x = _params(11)
-    solver = optx.FixedPointIteration(rtol=TOL, atol=TOL)
-    krylov = optx.Newton(
-        rtol=1e-10, atol=1e-10, linear_solver=lx.GMRES(rtol=1e-12, atol=1e-12)
-    )
-    adjoint = lcp.LeastControlAdjoint(strength=0.2, solver=krylov)
-    dense = lcp.LeastControlAdjoint(strength=0.2, solver=optx.Newton(1e-10, 1e-10))
-    got = jax.grad(_fixed_point_loss)(params, x, solver, adjoint)
-    expected = jax.grad(_fixed_point_loss)(params, x, solver, dense)
-    assert_tree_close(got, expected, rtol=1e-7)
 
 
 def test_no_gradient_to_y0_and_zero_cotangent():
