@@ -1,0 +1,37 @@
+"""The README's quick example runs as printed, and prints what the README shows."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+
+_README = pathlib.Path(__file__).parent.parent / "README.md"
+
+
+def _blocks(text, language):
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, re.M | re.S)
+
+
+def _numbers(text):
+    return np.array([float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", text)])
+
+
+def test_readme_quick_example_prints_what_the_readme_shows():
+    text = _README.read_text()
+    (code,) = _blocks(text, "python")
+    (shown,) = _blocks(text, "text")
+    # A fresh process: the test session runs in float64, the README in JAX's default.
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [line.split(":")[0] for line in out.stdout.splitlines()] == [
+        line.split(":")[0] for line in shown.splitlines()
+    ]
+    got, expected = _numbers(out.stdout), _numbers(shown)
+    # Float32 results of another JAX version or CPU may differ in the last digits.
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
+    assert 0 < got[-1] < 1e-2  # the stated "about 0.1%"
