@@ -71,6 +71,48 @@ def test_bad_arguments(argv, message, capsys):
     assert message in err and "--help" in err
 
 
+@pytest.mark.parametrize(
+    "option,path,message",
+    [
+        ("--json", "/nonexistent/dir/out.json", "does not exist"),
+        ("--json", "/tmp", "is a directory"),
+        ("--plot", "/proc/x.png", "cannot write there"),
+    ],
+)
+def test_bad_output_paths_fail_before_any_work(option, path, message, capsys):
+    # Checked before any data is loaded or any network trained: exit 2, one line.
+    for argv in (["demo"], ["reproduce", "meta"]):
+        assert main([*argv, option, path]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and option in err and message in err, err
+    argv = ["reproduce", "table1", "--dataset", "mnist", "--data-dir", "/nonexistent"]
+    assert main(argv) == 2
+    assert "--data-dir /nonexistent: not a directory" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_finished_runs_and_exits_130(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def run_one(method, arch, dataset, args, seed):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(method)
+        return dict(
+            test_accuracy=[0.5], seconds=[1.0], H=[float("nan")], steps=[0.0],
+            solve_success=[1.0],
+        )  # fmt: skip
+
+    monkeypatch.setattr(_cli, "_run_one", run_one)
+    out_json = tmp_path / "t1.json"
+    argv = ["reproduce", "table1", "--dataset", "digits", "--seeds", "1"]
+    argv += ["--methods", "rbp", "di", "--architectures", "rnn", "--no-progress"]
+    assert main([*argv, "--json", str(out_json)]) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "interrupted" in captured.err
+    assert "| BP/RBP | rnn |" in captured.out and "LCP-DI" not in captured.out
+    assert set(json.loads(out_json.read_text())) == {"BP/RBP [rnn]"}
+
+
 def test_missing_mnist_files(tmp_path, capsys):
     assert main(["reproduce", "table1", "--dataset", "mnist", *_TINY]) == 2
     assert "--data-dir" in capsys.readouterr().err
