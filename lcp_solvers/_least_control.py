@@ -171,8 +171,6 @@ def _least_control_solve(
     )
 
 
-_DEFAULT_CONTROLLER = DynamicInversion(alpha=0.1)
-
 
 @eqx.filter_jit
 def least_control_grad(
@@ -182,7 +180,7 @@ def least_control_grad(
     phi0: PyTree[Array],
     args: PyTree = None,
     *,
-    controller: AbstractController = _DEFAULT_CONTROLLER,
+    controller: AbstractController = DynamicInversion(alpha=0.1),
     solver: InnerSolver | None = None,
     rtol: float | None = None,
     atol: float | None = None,
@@ -396,7 +394,7 @@ def least_control_objective(
     phi0: PyTree[Array],
     args: PyTree = None,
     *,
-    controller: AbstractController = _DEFAULT_CONTROLLER,
+    controller: AbstractController = DynamicInversion(alpha=0.1),
     solver: InnerSolver | None = None,
     rtol: float | None = None,
     atol: float | None = None,
