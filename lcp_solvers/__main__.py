@@ -8,4 +8,7 @@ def _run() -> int:
     return main()
 
 
-sys.exit(_run())
+# Guarded: tools that import every submodule (e.g. the docs' API inspection) must not
+# run the command.
+if __name__ == "__main__":
+    sys.exit(_run())
