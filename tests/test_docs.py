@@ -35,3 +35,20 @@ def test_readme_quick_example_prints_what_the_readme_shows():
     # Float32 results of another JAX version or CPU may differ in the last digits.
     np.testing.assert_allclose(got, expected, rtol=1e-3)
     assert 0 < got[-1] < 1e-2  # the stated "about 0.1%"
+
+
+def test_howto_train_rnn_runs_and_learns():
+    # docs/howto_rnn.md's script, as printed: 10 epochs on scikit-learn's digits.
+    text = (_README.parent / "docs" / "howto_rnn.md").read_text()
+    code = _blocks(text, "python")[0]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("epoch 10:")
+    accuracy = [float(re.search(r"accuracy (\d+\.\d)%", line)[1]) for line in lines]
+    control = [float(re.search(r"‖ψ‖² (\d+\.\d+)", line)[1]) for line in lines]
+    # The doc says "about 85%" and that the control falls as the network learns.
+    assert accuracy[-1] > 80 and accuracy[-1] > accuracy[0], accuracy
+    assert control[-1] < control[0], control
