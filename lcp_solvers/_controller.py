@@ -65,7 +65,7 @@ class AbstractController(eqx.Module):
     [`lcp_solvers.least_control_objective`][].
 
     A controller is a dynamical system on an extended state whose steady state is the
-    controlled equilibrium (DESIGN §1, "Controllers"). The extended state is a tuple
+    controlled equilibrium (Meulemans et al., 2022, §2–3). The extended state is a tuple
     `(phi, *controls)`: the state `phi` first, then the controller's own variables
     (e.g. `(phi, psi, u)` for integral dynamic inversion). Every entry point solves
     for the steady state with an inner solver, in units where the controls are

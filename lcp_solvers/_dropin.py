@@ -1,4 +1,4 @@
-"""The drop-in least-control VJP (DESIGN §1, "Drop-in mode"): the engine's
+"""The drop-in least-control VJP (docs/architecture.md): the engine's
 controlled equilibrium for the linearised loss `L(y) = ḡᵀy` under proportional
 dynamic inversion. Shared by `LeastControlAdjoint` and the jaxopt decorators."""
 

@@ -1,5 +1,5 @@
 """The one least-control engine: every entry point solves the controlled equilibrium
-of a controller acting on a `ControlledSystem` here (DESIGN §5)."""
+of a controller acting on a `ControlledSystem` here (docs/architecture.md)."""
 
 import equinox as eqx
 import jax

@@ -15,7 +15,7 @@ class ControlledSystem(eqx.Module):
     ([`lcp_solvers.AbstractController`][]) and to the inner solver: a controller needs
     nothing else to define its dynamics. For the drop-in
     [`lcp_solvers.LeastControlAdjoint`][] the loss is the linearised `L(φ) = ḡᵀφ` of
-    the incoming cotangent `ḡ` (DESIGN §1, "Drop-in mode").
+    the incoming cotangent `ḡ` (the drop-in mode, docs/architecture.md).
 
     **Fields:**
 
