@@ -35,8 +35,7 @@ def _u_residual(system: ControlledSystem, phi, u, alpha):
     # velocity itself is α times larger and, at a strong leak, the difference of two
     # large nearly equal terms: a root finder's test |r| < atol could then not be met
     # in float32 for an α of order 1e9 although u has converged.
-    alpha_pos = jnp.asarray(alpha) > 0
-    scale = jnp.where(alpha_pos, jnp.where(alpha_pos, alpha, 1), 1)
+    scale = jnp.where(jnp.asarray(alpha) > 0, alpha, 1)
     return jtu.tree_map(
         lambda v: v / _like(scale, v), _u_velocity(system, phi, u, alpha)
     )

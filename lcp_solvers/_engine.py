@@ -107,9 +107,8 @@ def _raise(result, value, *, solver: AbstractInnerSolver, what: str):
     # failure gives its RESULTS message.
     diverged = (
         f"{what}: the controlled dynamics diverged under the solver {solver.name()} "
-        "(non-finite "
-        "or exploding state or control). The free dynamics are unstable or the "
-        f"control is too strong for this solver: {solver.divergence_hint()}."
+        "(non-finite or exploding state or control). The free dynamics are unstable "
+        f"or the control is too strong for this solver: {solver.divergence_hint()}."
     )
     index = jnp.where(result == RESULTS.control_divergence, 0, 1 + result._value)
     messages = [diverged] + list(RESULTS._index_to_message)  # pyright: ignore

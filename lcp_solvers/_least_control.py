@@ -171,7 +171,6 @@ def _least_control_solve(
     )
 
 
-
 @eqx.filter_jit
 def least_control_grad(
     f: Callable[[PyTree[Array], PyTree, PyTree], PyTree[Array]],
