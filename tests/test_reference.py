@@ -160,6 +160,17 @@ def _grad(problem, controller, solver_id, **kwargs):
     )
 
 
+def _assert_matches_reference(grad, info, ref, solver_id, record_property):
+    # The update and the controlled state against scipy's, at the solver's tolerance.
+    assert info.result == lcp.RESULTS.successful
+    err = flat_rel_error(grad, ref.grad)
+    state_err = float(np.max(np.abs(np_flatten(info.phi) - ref.phi)))
+    record_property("grad_rel_error", err)
+    record_property("state_error", state_err)
+    assert err <= GRAD_TOL[solver_id]
+    assert state_err <= STATE_TOL[solver_id]
+
+
 @pytest.mark.parametrize(
     "problem_id, controller_id, solver_id, alpha_id", list(_lcg_cells())
 )
@@ -189,14 +200,8 @@ def test_least_control_grad(
         return
     grad, info = _grad(problem, controller, solver_id)
     ref = least_control_reference(problem_id, alpha)
-    assert info.result == lcp.RESULTS.successful
     assert jtu.tree_structure(grad) == jtu.tree_structure(problem.theta)
-    err = flat_rel_error(grad, ref.grad)
-    state_err = float(np.max(np.abs(np_flatten(info.phi) - ref.phi)))
-    record_property("grad_rel_error", err)
-    record_property("state_error", state_err)
-    assert err <= GRAD_TOL[solver_id]
-    assert state_err <= STATE_TOL[solver_id]
+    _assert_matches_reference(grad, info, ref, solver_id, record_property)
     # ½‖ψ⋆‖² is the control the reference needs, ½‖f(φ_c)‖²; its error is at most
     # the state's times ‖(∂φ f)ᵀ f‖₁, which is below 3.8 on these problems.
     assert abs(float(info.control) - ref.control) <= 4 * STATE_TOL[solver_id]
@@ -255,13 +260,7 @@ def test_least_control_grad_more_solvers(
     controller = CONTROLLERS[controller_id].make(problem, alpha)
     grad, info = _grad(problem, controller, solver_id)
     ref = least_control_reference("tanh", alpha)
-    assert info.result == lcp.RESULTS.successful
-    err = flat_rel_error(grad, ref.grad)
-    state_err = float(np.max(np.abs(np_flatten(info.phi) - ref.phi)))
-    record_property("grad_rel_error", err)
-    record_property("state_error", state_err)
-    assert err <= GRAD_TOL[solver_id]
-    assert state_err <= STATE_TOL[solver_id]
+    _assert_matches_reference(grad, info, ref, solver_id, record_property)
 
 
 def _objective_cells():
