@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from lcp_solvers.experiments import LeastControl, load_dataset, RecurrentBackprop
-from lcp_solvers.experiments._cli import _initial_model
 from lcp_solvers.experiments._train import _adam, _train_step
+from lcp_solvers_cli._cli import _initial_model
 
 
 def _time_rule(rule, model, x, y, repeats):

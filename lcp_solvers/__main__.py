@@ -2,8 +2,8 @@ import sys
 
 
 def _run() -> int:
-    # The command lives with the experiments, on top of the library.
-    from .experiments._cli import main
+    # The command lives outside the library (see `lcp_solvers_cli`).
+    from lcp_solvers_cli import main
 
     return main()
 

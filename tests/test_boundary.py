@@ -1,5 +1,6 @@
-"""The experiments sit on top of the library: `lcp_solvers.experiments` uses only the
-public names of `lcp_solvers`, and the library core never imports the experiments."""
+"""The experiments and the command sit on top of the library: `lcp_solvers.experiments`
+and `lcp_solvers_cli` use only the public names of `lcp_solvers`, and the library core
+never imports either."""
 
 import ast
 import pathlib
@@ -8,6 +9,7 @@ import pathlib
 # The source tree, read as text: the check does not need the library to import.
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lcp_solvers"
 _EXPERIMENTS = _PACKAGE / "experiments"
+_COMMAND = _PACKAGE.parent / "lcp_solvers_cli"
 
 
 def _imported_modules(path: pathlib.Path, package: str) -> list[tuple[int, str]]:
@@ -54,9 +56,10 @@ def _core_violations(path: pathlib.Path) -> list[str]:
 
 
 def test_experiments_use_only_public_names():
-    files = sorted(_EXPERIMENTS.rglob("*.py"))
-    assert len(files) >= 6
-    bad = [v for f in files for v in _boundary_violations(f, "lcp_solvers.experiments")]
+    files = [(f, "lcp_solvers.experiments") for f in sorted(_EXPERIMENTS.glob("*.py"))]
+    files += [(f, "lcp_solvers_cli") for f in sorted(_COMMAND.glob("*.py"))]
+    assert len(files) >= 8
+    bad = [v for f, package in files for v in _boundary_violations(f, package)]
     assert bad == [], "experiments import library privates:\n" + "\n".join(bad)
 
 

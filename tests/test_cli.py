@@ -4,9 +4,8 @@ import sys
 
 import pytest
 
-from lcp_solvers.experiments import _cli
-from lcp_solvers.experiments._cli import main
 from lcp_solvers.experiments._meta import META_METHOD_NAMES
+from lcp_solvers_cli import _cli, main
 
 from .test_data import write_tiny_mnist_idx
 
@@ -31,10 +30,11 @@ def test_help(argv, capsys):
 def test_console_script_and_module_entry_points():
     for cmd in (
         [sys.executable, "-m", "lcp_solvers", "--help"],
+        [sys.executable, "-m", "lcp_solvers_cli", "--help"],
         [
             sys.executable,
             "-c",
-            "from lcp_solvers.experiments._cli import main; main()",
+            "from lcp_solvers_cli import main; main()",
             "--help",
         ],
     ):
@@ -48,7 +48,7 @@ def test_console_script_and_module_entry_points():
         for e in importlib.metadata.entry_points(group="console_scripts")
         if e.name == "lcp-solvers"
     ]
-    assert ep.value == "lcp_solvers.experiments._cli:main"
+    assert ep.value == "lcp_solvers_cli:main"
 
 
 @pytest.mark.parametrize(
@@ -201,9 +201,35 @@ def test_meta_warns_with_counts_of_unconverged_inner_solves(monkeypatch, capsys)
     assert "iMAML:" not in out
 
 
+@pytest.mark.parametrize(
+    "argv, status",
+    [
+        (["--help"], 0),
+        (["reproduce", "table1", "--help"], 0),
+        (["demo", "--epochs", "0"], 2),
+        (["demo", "--json", "/nonexistent/dir/out.json"], 2),
+    ],
+)
+def test_answers_without_importing_jax(argv, status):
+    # Help, a bad argument and a bad path are answered before JAX (seconds) loads.
+    code = (
+        "import sys\n"
+        "from lcp_solvers_cli import main\n"
+        "try:\n"
+        "    status = main(sys.argv[1:])\n"
+        "except SystemExit as e:\n"
+        "    status = e.code\n"
+        "print('STATUS', status, 'jax' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert f"STATUS {status} False" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_optional_extras_are_not_imported_eagerly():
     code = (
-        "import sys, lcp_solvers, lcp_solvers.experiments._cli; "
+        "import sys, lcp_solvers, lcp_solvers_cli; "
         "print(sorted(m for m in ('optax', 'sklearn', 'matplotlib', 'tqdm', "
         "'mnist1d') if m in sys.modules))"
     )

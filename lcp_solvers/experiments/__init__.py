@@ -1,6 +1,7 @@
 """The paper's experiments as reusable pieces: offline data, the equilibrium network,
 its update rules (recurrent backprop and the least-control variants), and the
-few-shot meta-learning task with complex synapses, and the `lcp-solvers` command.
+few-shot meta-learning task with complex synapses. The `lcp-solvers` command
+(`lcp_solvers_cli`) runs them.
 
 They sit on top of the library and use only its public names (`import lcp_solvers as
 lcp`); the library itself never imports this subpackage.

@@ -1,4 +1,9 @@
-"""The `lcp-solvers` command: offline reproductions of the paper's experiments."""
+"""The `lcp-solvers` command: offline reproductions of the paper's experiments.
+
+Only the standard library is imported at module level, so that `--help`, a bad
+argument or a bad output path answer at once; JAX and the experiments are imported
+when a command runs.
+"""
 
 import argparse
 import json
@@ -304,7 +309,7 @@ def _initial_model(dataset, arch, hidden, seed, feedback):
     import jax
     import jax.numpy as jnp
 
-    from . import EquilibriumNetwork
+    from lcp_solvers.experiments import EquilibriumNetwork
 
     sizes = (hidden, hidden) if arch == "ff" else (hidden,)
     key_model, key_train = jax.random.split(jax.random.key(seed))
@@ -325,7 +330,11 @@ def _schedule_note(args):
 
 
 def _run_one(method, arch, dataset, args, seed):
-    from . import LeastControl, RecurrentBackprop, train_classifier
+    from lcp_solvers.experiments import (
+        LeastControl,
+        RecurrentBackprop,
+        train_classifier,
+    )
 
     model, key_train = _initial_model(dataset, arch, args.hidden, seed, method == "kp")
     if method == "rbp":
@@ -475,7 +484,7 @@ def _overall(args, done, total):
 
 
 def _demo(args):
-    from . import load_digits
+    from lcp_solvers.experiments import load_digits
 
     dataset = load_digits(
         seed=args.seed, max_train=args.max_train, max_test=args.max_test
@@ -511,7 +520,7 @@ def _jsonable(r):
 
 
 def _table1(args):
-    from ._data import load_dataset
+    from lcp_solvers.experiments import load_dataset
 
     if args.dataset != "mnist" and args.data_dir is not None:
         print(
@@ -578,8 +587,8 @@ def _meta_runs(args, results):
     import jax.numpy as jnp
     import numpy as np
 
-    from . import meta_train
-    from ._meta import META_METHOD_NAMES
+    from lcp_solvers.experiments import meta_train
+    from lcp_solvers.experiments._meta import META_METHOD_NAMES
 
     for i, method in enumerate(args.methods):
         _overall(args, i, len(args.methods))
@@ -622,7 +631,7 @@ def _meta_runs(args, results):
 def _meta_report(args, results):
     import numpy as np
 
-    from ._meta import GD_METHODS, META_METHOD_NAMES
+    from lcp_solvers.experiments._meta import GD_METHODS, META_METHOD_NAMES
 
     inner = ""
     if set(args.methods) & set(GD_METHODS):
