@@ -4,6 +4,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -91,6 +92,15 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
 
     def __check_init__(self):
         check_strength(self.strength, "LeastControlAdjoint")
+        if (
+            isinstance(self.max_steps, bool)
+            or not isinstance(self.max_steps, int)
+            or self.max_steps < 1
+        ):
+            raise ValueError(
+                "LeastControlAdjoint: `max_steps` must be a positive int (the most "
+                f"steps of the controlled solve), got {self.max_steps!r}."
+            )
         if self.solver is not None:
             as_inner_solver(self.solver, "LeastControlAdjoint")
 
@@ -357,6 +367,14 @@ def _tangent_jvp(primals, tangents, **params):
     )
 
 
+def _instantiate(ct):
+    # A symbolic zero cotangent carries a shaped aval (pyright sees the base class).
+    if isinstance(ct, ad.Zero):
+        aval: Any = ct.aval
+        return jnp.zeros(aval.shape, aval.dtype)
+    return ct
+
+
 def _is_undefined(x):
     return isinstance(x, ad.UndefinedPrimal)
 
@@ -366,10 +384,7 @@ def _tangent_transpose(cts, *dynamic, treedef, static, batching):
     rewrite_fn, fixed_point_form = static_.rewrite_fn, static_.fixed_point_form
     ct_root = jtu.tree_unflatten(
         jtu.tree_structure(problem.root),
-        [
-            jnp.zeros(c.aval.shape, c.aval.dtype) if isinstance(c, ad.Zero) else c
-            for c in cts
-        ],
+        [_instantiate(c) for c in cts],
     )
     forward_solver = eqx.combine(problem.diff, problem.nondiff)[1]
     options = (adjoint, fixed_point_form, forward_solver)

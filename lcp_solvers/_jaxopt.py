@@ -5,6 +5,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -25,7 +26,7 @@ def custom_fixed_point(
     solver: _FixedPointOrRoot | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    max_steps: int | None = 1024,
+    max_steps: int = 1024,
     throw: bool = True,
 ) -> Callable[[Callable], Callable]:
     r"""Decorator that makes a fixed-point solver backpropagate with the least-control
@@ -107,7 +108,7 @@ def custom_root(
     solver: _FixedPointOrRoot | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    max_steps: int | None = 1024,
+    max_steps: int = 1024,
     throw: bool = True,
 ) -> Callable[[Callable], Callable]:
     r"""Decorator that makes a root solver backpropagate with the least-control
