@@ -1,4 +1,5 @@
-"""The README's quick example runs as printed, and prints what the README shows."""
+"""The README's quick example and the how-to guides run as printed, and print what
+they show."""
 
 import pathlib
 import re
@@ -52,3 +53,28 @@ def test_howto_train_rnn_runs_and_learns():
     # The doc says "about 85%" and that the control falls as the network learns.
     assert accuracy[-1] > 80 and accuracy[-1] > accuracy[0], accuracy
     assert control[-1] < control[0], control
+
+
+_NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+
+
+def test_troubleshooting_page_prints_what_it_shows():
+    # docs/troubleshooting.md: its python blocks are one script; its text blocks,
+    # in order, are that script's output.
+    text = (_README.parent / "docs" / "troubleshooting.md").read_text()
+    code = "\n".join(_blocks(text, "python"))
+    shown = "".join(_blocks(text, "text")).splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = out.stdout.splitlines()
+    assert [re.sub(_NUMBER, "#", line) for line in got] == [
+        re.sub(_NUMBER, "#", line) for line in shown
+    ]
+    numbers = [[float(x) for x in re.findall(_NUMBER, line)] for line in got]
+    expected = [[float(x) for x in re.findall(_NUMBER, line)] for line in shown]
+    # The page prints one significant digit (float32 gaps vary in the last bits
+    # between JAX versions).
+    for g, e, line in zip(numbers, expected, got):
+        np.testing.assert_allclose(g, e, rtol=0.35, err_msg=line)
