@@ -34,7 +34,7 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
 
     $$f(y_c, θ) + ψ = 0, \qquad (∂_y f(y_c, θ))^\top ψ = β\,ḡ,$$
 
-    warm-started at `(y*, 0)`, and returns `θ̄ = -(∂_θ f(y_c, θ))^\top ψ / β` to every
+    warm-started at `(y*, 0)`, and returns `θ̄ = -(∂_θ f(y_c, θ))ᵀ ψ / β` to every
     differentiable input (`args`, arrays closed over by `fn`, array fields of the
     solver). `y0` gets no gradient. Equivalently, `y_c` is a stationary point of
     `½‖f(y, θ)‖² + β ḡᵀy` and `θ̄` is the gradient of its minimum value over `β`.
@@ -46,7 +46,7 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
     dynamics it is exact at any strength. A larger strength evaluates the update at a
     state moved further towards lower loss (a non-infinitesimal learning signal) and
     makes the controlled system stiffer. The controlled state moves from `y*` by roughly
-    `strength · ‖(∂_y f)^{-1}‖²`, so a given strength matters more as the layer nears
+    `strength · ‖(∂_y f)⁻¹‖²`, so a given strength matters more as the layer nears
     instability: on `benchmarks/backward.py`'s `tanh` layer (states of order 0.1,
     contraction 0.9) the default `1e-3` gives an update with cosine 0.997 to the
     implicit gradient and `1e-2` one with cosine 0.3, while on a small random layer
@@ -56,11 +56,11 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
     [implicit-adjoint]: https://docs.kidger.site/optimistix/api/adjoints/
 
     **Solving the controlled equilibrium.** Unknowns `(y, λ = ψ/β)`, a root problem
-    `(f(y) + βλ, (∂_y f)^\top λ - ḡ) = 0` (scaled so that its tolerances are relative
+    `(f(y) + βλ, (∂_y f)ᵀ λ - ḡ) = 0` (scaled so that its tolerances are relative
     to `rms(ḡ)`). With `solver=None`:
 
     - fixed-point problems (`optx.fixed_point` with a fixed-point solver) iterate the
-        joint map `(y, λ) ↦ (fn(y) + βλ, (∂_y fn)^\top λ - ḡ)` with
+        joint map `(y, λ) ↦ (fn(y) + βλ, (∂_y fn)ᵀ λ - ḡ)` with
         [`lcp_solvers.AndersonAcceleration`][]: one vector-Jacobian product of `fn`
         per step, no Jacobian materialised;
     - root problems (including `optx.fixed_point` solved by a root finder) use

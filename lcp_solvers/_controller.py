@@ -144,7 +144,7 @@ class DynamicInversion(AbstractImexController):
     \dot u = -∇_φ L(φ) - α u.$$
 
     The `ψ` line is the adjoint (recurrent-backprop) dynamics run jointly with the
-    state. At steady state `(∂_φ f)^\top ψ = ∇L / α`: the equilibrium is a stationary
+    state. At steady state `(∂_φ f)ᵀ ψ = ∇L / α`: the equilibrium is a stationary
     point of `½‖f‖² + L/α`, and `alpha = 0` is perfect control (the outputs reach a
     minimum of the loss, Theorem 1). `u` is nonzero only on the output components
     (where the loss depends on the state).
@@ -155,7 +155,7 @@ class DynamicInversion(AbstractImexController):
         [`lcp_solvers.EnergyBased`][]; small `alpha` is strong control.
     - `proportional`: if `True`, `u = -∇L/α` is applied instantly (a proportional
         controller, needs `alpha > 0`) instead of being integrated. Same steady state.
-    - `feedback`: `None` (use autodiff's `(∂_φ f)^\top ψ`) or a callable
+    - `feedback`: `None` (use autodiff's `(∂_φ f)ᵀ ψ`) or a callable
         `feedback(phi, theta, args, psi) -> pytree like phi` that replaces it, e.g. a
         product with learned feedback weights `S` in place of `Wᵀ` (Kolen–Pollack).
     """
@@ -363,7 +363,7 @@ class LinearFeedback(AbstractController):
 
     so no Jacobian-transpose products are needed at all, only evaluations of `f`. It
     is optimal (same update as [`lcp_solvers.DynamicInversion`][]) when
-    `col(Q) = col((∂_φ f)^{-\top} Pᵀ)` at the controlled equilibrium, `P` selecting the
+    `col(Q) = col((∂_φ f)⁻ᵀ Pᵀ)` at the controlled equilibrium, `P` selecting the
     outputs (Theorem 2); [`lcp_solvers.linear_feedback_update`][] learns such a `Q`
     with a local noise-driven rule.
 

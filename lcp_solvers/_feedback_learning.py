@@ -38,13 +38,13 @@ def linear_feedback_update(
 
     (`P = output`, `ū` a running mean of `u`), simulated with Euler–Maruyama. `u`
     responds only to the part of the noise that reaches the outputs, i.e. to
-    `[0, I](∂_φ f)^{-1} ε`, so at the rule's fixed point `col(Q) = col((∂_φ f)^{-\top}
+    `[0, I](∂_φ f)⁻¹ ε`, so at the rule's fixed point `col(Q) = col((∂_φ f)⁻ᵀ
     Pᵀ)`: the optimality condition of `LinearFeedback` (Theorem 2). Every quantity is
     local to a unit (its input `Qu + σε`) and the controller (`u`).
 
     The rule assumes the noise is slow compared with the relaxation of `f`
     (`noise_time` well above the free dynamics' time constant), so that `u` sees the
-    quasi-static response `[0, I](∂_φ f)^{-1} σε`; a leaky controller (`alpha > 0`)
+    quasi-static response `[0, I](∂_φ f)⁻¹ σε`; a leaky controller (`alpha > 0`)
     keeps the loop stable while `Q` is still wrong. Start from `Q = 0` (a random `Q`
     can make the loop unstable). The defaults are for dynamics with time constants of
     order one (e.g. `f = -φ + Wσ(φ) + Ux`) and reach a cosine of about 0.99 between the

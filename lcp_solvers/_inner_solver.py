@@ -225,7 +225,7 @@ class IMEX(AbstractInnerSolver):
     RNN about 10 steps at `alpha` from 0 to 1.
 
     The implicit equation is solved by one Newton step from the current state,
-    `z = φ - M(φ - v + c∇L(φ))` with `M ≈ (I + c∇²L(φ))^{-1}`. Any such `M`
+    `z = φ - M(φ - v + c∇L(φ))` with `M ≈ (I + c∇²L(φ))⁻¹`. Any such `M`
     leaves the fixed point exact; its accuracy only sets the speed.
 
     Supported controllers: those with the capability

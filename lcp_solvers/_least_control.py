@@ -410,7 +410,7 @@ def least_control_objective(
     with `w = 0` for perfect control (`alpha = 0`: this is `H`), `1/α` for a leaky
     output controller and `β` for [`lcp_solvers.EnergyBased`][]: the minimum of
     `½‖f‖² + w L` that the controlled equilibrium attains. Its derivative in `theta`
-    (a custom JVP) is the least-control update `-(∂_θ f(φ⋆, θ))^\top ψ⋆`, the same
+    (a custom JVP) is the least-control update `-(∂_θ f(φ⋆, θ))ᵀ ψ⋆`, the same
     value `least_control_grad` returns; by Theorem 1 it is the exact gradient of
     this objective for [`lcp_solvers.DynamicInversion`][] and
     [`lcp_solvers.EnergyBased`][] (and for [`lcp_solvers.LinearFeedback`][] with an

@@ -18,7 +18,7 @@ def with_readout(
     for [`lcp_solvers.least_control_grad`][]. Its free equilibrium has `y = h(φ⋆, θ)`;
     write the loss on `y` (`loss(state, args)` reading `state[1]`). Under control the
     output controller acts on `y` (`ẏ = h - y + u` at steady state) and the readout
-    parameters receive the local update `-(∂_θ h)^\top u`: the control of the `y`
+    parameters receive the local update `-(∂_θ h)ᵀ u`: the control of the `y`
     block equals `u` there, since `∂ẏ/∂y = -I`.
 
     **Arguments:**
