@@ -581,7 +581,7 @@ def _lf(problem, alpha):
 class ControllerCase:
     """How to build a controller at leak `alpha` for a problem. At alpha = 0 the
     library may refuse it (`perfect="ValueError"`) or it may not exist
-    (`perfect="skip: reason"`)."""
+    (`perfect="none: reason"`; the tests generate no such cell)."""
 
     id: str
     make: Callable  # (problem, alpha) -> controller
@@ -597,7 +597,7 @@ CONTROLLERS = {
         ControllerCase(
             "EBD",
             _ebd,
-            perfect="skip: EnergyBased(beta=1/alpha) has no alpha = 0 form "
+            perfect="none: EnergyBased(beta=1/alpha) has no alpha = 0 form "
             "(beta = inf); perfect control is DynamicInversion(alpha=0)",
         ),
         # Q: Theorem 2's optimal feedback from the numpy reference.

@@ -77,6 +77,7 @@ weak = lcp.LeastControlAdjoint(strength=1e-8)
 
 
 @pytest.mark.parametrize("name", list(fixed_point_solvers))
+@pytest.mark.slow
 def test_weak_control_fixed_point(name):
     solver = fixed_point_solvers[name]
     params, x = _params()
@@ -87,6 +88,7 @@ def test_weak_control_fixed_point(name):
 
 
 @pytest.mark.parametrize("name", list(root_solvers))
+@pytest.mark.slow
 def test_weak_control_root_find(name):
     solver = root_solvers[name]
     params, x = _params(1)
@@ -97,6 +99,7 @@ def test_weak_control_root_find(name):
 
 
 @pytest.mark.parametrize("name", ["fixed_point_iteration", "newton"])
+@pytest.mark.slow
 def test_weak_control_pytree_state_and_closure(name):
     solver = fixed_point_solvers[name]
     params, x = _params(2)
@@ -123,6 +126,7 @@ def test_weak_control_pytree_state_and_closure(name):
 
 
 @pytest.mark.parametrize("name", ["anderson", "newton"])
+@pytest.mark.slow
 def test_weak_control_vmap(name):
     solver = fixed_point_solvers[name]
     params, _ = _params(3)
@@ -139,6 +143,7 @@ def test_weak_control_vmap(name):
     assert_tree_close(got, expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_vmap_equals_per_sample_loop_at_finite_strength():
     # Under vmap every sample is normalised by its own cotangent, so the batched
     # gradient is the sum of the per-sample ones (computed one at a time here).
@@ -166,6 +171,7 @@ def test_vmap_equals_per_sample_loop_at_finite_strength():
     assert tree_rel_error(batched, implicit) > 1e-3
 
 
+@pytest.mark.slow
 def test_nested_vmap_equals_per_sample_loop():
     # vmap of vmap: the inner vmap is handled by the adjoint's own batching rule, the
     # outer one vectorises that batched rule.
@@ -188,6 +194,7 @@ def test_nested_vmap_equals_per_sample_loop():
 
 @pytest.mark.parametrize("strength", [0.1, 1.0, 10.0])
 @pytest.mark.parametrize("entry", ["fixed_point", "root_find"])
+@pytest.mark.slow
 def test_linear_dynamics_exact_at_any_strength(strength, entry):
     # f(y, θ) = M y + U θ - y: the Jacobians do not depend on y, so the controlled
     # equilibrium gives exactly the implicit gradient.
@@ -258,6 +265,7 @@ def _leaky_reference_gradient(fn, theta, y_star, cotangent, beta, eps=1e-5):
         (0.5, "newton"),
     ],
 )
+@pytest.mark.slow
 def test_finite_strength_matches_leaky_objective(strength, solver_name):
     k1, k2 = jax.random.split(jax.random.PRNGKey(8))
     w = contraction_weights(k1, 4, rho=0.6)
@@ -316,6 +324,7 @@ def test_strength_is_invariant_to_loss_scale(scale):
     assert_tree_close(unscaled, base, rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_tolerances_follow_forward_solver():
     params, x = _params(10)
     adjoint = lcp.LeastControlAdjoint(strength=1e-12)
@@ -331,6 +340,7 @@ def test_tolerances_follow_forward_solver():
     assert errors[1e-4] > 10 * errors[1e-12]
 
 
+@pytest.mark.slow
 def test_no_gradient_to_y0_and_zero_cotangent():
     params, x = _params(12)
     solver = fixed_point_solvers["fixed_point_iteration"]
@@ -347,6 +357,7 @@ def test_no_gradient_to_y0_and_zero_cotangent():
     assert all(jnp.all(g == 0) for g in jtu.tree_leaves(zero))
 
 
+@pytest.mark.slow
 def test_float32():
     params, x = _params(13)
     params, x = jtu.tree_map(lambda a: a.astype(jnp.float32), (params, x))
@@ -359,6 +370,7 @@ def test_float32():
     assert_tree_close(got, expected, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_jit():
     params, x = _params(14)
     solver = fixed_point_solvers["anderson"]
@@ -443,6 +455,7 @@ def test_controlled_solve_not_converging_raises_and_flags():
     assert all(jnp.all(jnp.isfinite(g)) for g in jtu.tree_leaves(estimate))
 
 
+@pytest.mark.slow
 def test_diverging_controlled_dynamics_raises():
     # Root problem whose map y ↦ y + f(y) expands: the forward Newton solve is fine,
     # but iterating the controlled system with a fixed-point solver diverges.

@@ -49,6 +49,7 @@ _PROBLEMS = {"vector": _vector_problem, "pytree": _pytree_problem}
     "problem, dtype",
     [("vector", jnp.float64), ("pytree", jnp.float64), ("pytree", jnp.float32)],
 )
+@pytest.mark.slow
 def test_converges_to_fixed_point_iteration_solution(problem, dtype):
     fn, z0, args = _PROBLEMS[problem](dtype)
     tol = 1e-10 if dtype == jnp.float64 else 1e-5

@@ -27,6 +27,7 @@ def test_help(argv, capsys):
         assert argv[-1] in out
 
 
+@pytest.mark.slow
 def test_console_script_and_module_entry_points():
     for cmd in (
         [sys.executable, "-m", "lcp_solvers", "--help"],
@@ -123,6 +124,7 @@ def test_missing_mnist_files(tmp_path, capsys):
     assert "train-labels-idx1-ubyte" in err and "t10k-images" not in err
 
 
+@pytest.mark.slow
 def test_demo(tmp_path, capsys):
     out_json, png = tmp_path / "demo.json", tmp_path / "demo.png"
     argv = ["demo", *_TINY, "--max-train", "64", "--json", str(out_json)]
@@ -139,6 +141,7 @@ def test_demo(tmp_path, capsys):
     assert "| LCP-DI | rnn |" in out and "| BP/RBP | rnn |" in out
 
 
+@pytest.mark.slow
 def test_table1_on_mnist_files(tmp_path, capsys):
     write_tiny_mnist_idx(tmp_path)
     out_json = tmp_path / "t1.json"
@@ -154,6 +157,7 @@ def test_table1_on_mnist_files(tmp_path, capsys):
     assert "5 test" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_table1_digits_rnn_with_progress_bars_and_cosine_step_size(capsys):
     tiny = [a for a in _TINY if a != "--no-progress"]
     argv = ["reproduce", "table1", "--dataset", "digits", *tiny, "--seeds", "1"]
@@ -165,6 +169,7 @@ def test_table1_digits_rnn_with_progress_bars_and_cosine_step_size(capsys):
     assert "LCP-DI rnn seed 0" in captured.err  # the tqdm bar
 
 
+@pytest.mark.slow
 def test_meta(tmp_path, capsys):
     out_json = tmp_path / "meta.json"
     argv = ["reproduce", "meta", "--seeds", "1", "--meta-steps", "2"]

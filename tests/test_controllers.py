@@ -24,6 +24,7 @@ def _out(phi):
     return phi[-M:]
 
 
+@pytest.mark.slow
 def test_learned_feedback_aligns_with_dynamic_inversion():
     k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
     theta = {

@@ -52,6 +52,7 @@ _FORWARD = {
 
 
 @pytest.mark.parametrize("forward", list(_FORWARD))
+@pytest.mark.slow
 def test_gradients_match_implicit_adjoint(forward):
     cell, xs = _data()
     solver = _FORWARD[forward]
@@ -72,6 +73,7 @@ def test_gradients_match_implicit_adjoint(forward):
     assert float(jnp.max(jnp.abs(got[0].z0))) == 0
 
 
+@pytest.mark.slow
 def test_batching_pytree_state_and_stats():
     # A pytree state, z0 given as a function of the input, solve statistics.
     cell, xs = _data()
@@ -131,6 +133,7 @@ def test_wrong_cells_raise_value_error():
         lcp.DEQ(cell, jnp.zeros(H), adjoint=lcp.AndersonAcceleration(1e-6, 1e-6))  # pyright: ignore
 
 
+@pytest.mark.slow
 def test_example_quick_runs():
     # A smoke test of the example: a few steps of training with both adjoints.
     root = pathlib.Path(__file__).parent.parent

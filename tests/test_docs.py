@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
 _README = pathlib.Path(__file__).parent.parent / "README.md"
@@ -20,6 +21,7 @@ def _numbers(text):
     return np.array([float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", text)])
 
 
+@pytest.mark.slow
 def test_readme_quick_example_prints_what_the_readme_shows():
     text = _README.read_text()
     (code,) = _blocks(text, "python")
@@ -38,6 +40,7 @@ def test_readme_quick_example_prints_what_the_readme_shows():
     assert 0 < got[-1] < 1e-2  # the stated "about 0.1%"
 
 
+@pytest.mark.slow
 def test_howto_train_rnn_runs_and_learns():
     # docs/howto_rnn.md's script, as printed: 10 epochs on scikit-learn's digits.
     text = (_README.parent / "docs" / "howto_rnn.md").read_text()
@@ -58,6 +61,7 @@ def test_howto_train_rnn_runs_and_learns():
 _NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
+@pytest.mark.slow
 def test_troubleshooting_page_prints_what_it_shows():
     # docs/troubleshooting.md: its python blocks are one script; its text blocks,
     # in order, are that script's output.

@@ -95,6 +95,7 @@ def _masked_root_loss(adjoint, form):
 
 @pytest.mark.parametrize("throw", [False, True])
 @pytest.mark.parametrize("form", ["root_find", "fixed_point"])
+@pytest.mark.slow
 def test_a_masked_failed_solve_adjoint(form, throw):
     b = jnp.array(-1.0)
     reference = jax.grad(_masked_root_loss(optx.ImplicitAdjoint(), form))(b)
@@ -122,6 +123,7 @@ def _failing_solver(form):
 
 @pytest.mark.parametrize("throw", [False, True])
 @pytest.mark.parametrize("form", ["root", "fixed_point"])
+@pytest.mark.slow
 def test_a_masked_failed_solve_decorators(form, throw):
     if form == "root":
         decorator = lcp.custom_root(lambda y, b: y**2 - b, has_aux=True, throw=throw)
@@ -141,6 +143,7 @@ def test_a_masked_failed_solve_decorators(form, throw):
 
 @pytest.mark.parametrize("throw", [False, True])
 @pytest.mark.parametrize("solver", ["newton", "anderson"])
+@pytest.mark.slow
 def test_a_masked_failed_solve_deq(solver, throw):
     # z = z**2 + x has no real fixed point at x = 1.
     forward = {
@@ -178,6 +181,7 @@ _zero_loss_cases = {
 
 @pytest.mark.parametrize("case", list(_zero_loss_cases))
 @pytest.mark.parametrize("entry", ["grad", "objective"])
+@pytest.mark.slow
 def test_a_identically_zero_loss(entry, case):
     controller, solver = _zero_loss_cases[case]
     zero_loss = lambda phi, args: 0.0 * jnp.sum(phi)
@@ -263,6 +267,7 @@ def _scaled_loss(entry, dtype):
 
 
 @pytest.mark.parametrize("dtype,entry,scale", _scale_cases)
+@pytest.mark.slow
 def test_b_adjoint_scale_invariance(dtype, entry, scale):
     loss, w = _scaled_loss(entry, dtype)
     grad = jax.grad(loss)(w, 1.0)
@@ -281,6 +286,7 @@ def test_b_adjoint_scale_invariance(dtype, entry, scale):
     ],
 )
 @pytest.mark.parametrize("entry", ["grad", "objective"])
+@pytest.mark.slow
 def test_b_least_control_scale_invariance(entry, controller, scale):
     # Multiplying the loss by c and alpha by c (beta by 1/c) leaves the stationary
     # point of ½‖f‖² + L/α, the control psi and the update unchanged.
@@ -351,6 +357,7 @@ def _second_order_ok(second, fun, w, rtol=1e-5):
     assert_tree_close(h, _fd_jacobian(jax.grad(fun), w), rtol)
 
 
+@pytest.mark.slow
 def test_c_objective_first_order_matches_finite_differences():
     # The objective is min over phi of ½‖f‖² + L/α (Theorem 1): its gradient is the
     # update, checked against central differences of the objective's value.
@@ -417,6 +424,7 @@ def _readout3(y):
     "entry",
     ["fixed_point", "custom_fixed_point"],
 )
+@pytest.mark.slow
 def test_c_adjoint_hessian(entry):
     # The derivative of the least-control update (a function of w): an error that
     # says second order is unsupported, or its value.
@@ -459,6 +467,7 @@ def _additive_out(entry, adjoint):
     raise ValueError(entry)
 
 
+@pytest.mark.slow
 def test_d_jacrev_jacrev_matches_jacrev_grad():
     # Row i of jacrev(jacrev(out)) is jacrev(grad) of output i: both differentiate
     # the least-control VJP for the cotangent e_i in a.
@@ -473,6 +482,7 @@ def test_d_jacrev_jacrev_matches_jacrev_grad():
 
 # FixedPointIteration forward: the same backward path as AndersonAcceleration's.
 @pytest.mark.parametrize("entry", ["fixed_point", "root_find", "deq"])
+@pytest.mark.slow
 def test_d_jacrev_jacrev_additive_weak_control(entry):
     # At weak control the least-control VJP is the implicit one, as a function of a.
     a = jnp.array([0.1, -0.2, 0.3])
@@ -481,6 +491,7 @@ def test_d_jacrev_jacrev_additive_weak_control(entry):
     assert_tree_close(jax.jacrev(jax.jacrev(out))(a), reference, 1e-5)
 
 
+@pytest.mark.slow
 def test_d_jacrev_jacrev_custom_fixed_point():
     a = jnp.array([0.1, -0.2, 0.3])
     T = lambda z, a: jnp.tanh(W3 @ z) + a
@@ -546,6 +557,7 @@ def _complex_grad(entry, adjoint, theta):
 @pytest.mark.parametrize(
     "entry", ["fixed_point_iteration", "anderson", "root_find", "deq"]
 )
+@pytest.mark.slow
 def test_e_complex_state(entry, promotion):
     theta = (jnp.array([0.1, -0.2, 0.3]), jnp.array([0.2j, 0.1, -0.1 + 0.1j]))
     with jax.numpy_dtype_promotion(promotion):
@@ -654,6 +666,7 @@ def _scalar_decorators(form):
 
 @pytest.mark.parametrize("keyword", [False, True])
 @pytest.mark.parametrize("form", ["fixed_point", "root"])
+@pytest.mark.slow
 def test_f_grad_wrt_python_float(form, keyword):
     # jax.grad(loss)(1.0) where the Python float itself is the solver's argument.
     def make(solve):
@@ -706,6 +719,7 @@ _calls = {
         ("root", "mixed"),
     ],
 )
+@pytest.mark.slow
 def test_f_keyword_arguments(form, call):
     ours, theirs = _decorators(form)
     grads = [
@@ -786,6 +800,7 @@ def _f_3(phi, theta, args):
     "n", [pytest.param(3, id="python_int"), pytest.param(jnp.array(3), id="int_array")]
 )
 @pytest.mark.parametrize("entry", ["objective", "grad"])
+@pytest.mark.slow
 def test_g_integer_leaf_in_theta(entry, n):
     theta = {"W": W3, "n": n}
     args, phi0 = (X3, T3), jnp.zeros(3)
@@ -803,6 +818,7 @@ def test_g_integer_leaf_in_theta(entry, n):
 
 
 @pytest.mark.parametrize("entry", ["fixed_point", "custom_fixed_point", "deq"])
+@pytest.mark.slow
 def test_g_integer_leaf_in_layer_arguments(entry):
     T = lambda z, th: jnp.tanh(th["W"] @ z * (th["n"] / 3) + X3)
     T_ref = lambda z, th: jnp.tanh(th["W"] @ z + X3)
@@ -870,6 +886,7 @@ def _nan_forward(entry):
 @pytest.mark.parametrize(
     "entry", ["fixed_point", "root_find", "custom_fixed_point", "deq"]
 )
+@pytest.mark.slow
 def test_h_nan_forward_solve_blamed_on_forward(entry):
     out = _nan_forward(entry)
     assert not bool(jnp.all(jnp.isfinite(out(X3))))
@@ -891,6 +908,7 @@ _nan = jnp.array([jnp.nan, 0.0, 0.0])
     ],
 )
 @pytest.mark.parametrize("entry", ["grad", "objective"])
+@pytest.mark.slow
 def test_h_nan_input_named(entry, where, name):
     theta = W3.at[0, 0].set(jnp.nan) if where == "theta" else W3
     phi0 = _nan if where == "phi0" else jnp.zeros(3)
@@ -925,6 +943,7 @@ def test_h_nan_input_named(entry, where, name):
     ],
 )
 @pytest.mark.parametrize("entry", ["grad", "objective"])
+@pytest.mark.slow
 def test_i_float32_state_under_x64(entry, solver):
     def run(dtype):
         args = (X3.astype(dtype), T3.astype(dtype))
@@ -1010,6 +1029,7 @@ def test_j_array_strength_checked(entry, strength):
         ),  # fmt: skip
     ],
 )
+@pytest.mark.slow
 def test_j_array_controller_gain_checked(make, name):
     with pytest.raises(Exception) as excinfo:
         out = lcp.least_control_grad(
@@ -1035,6 +1055,7 @@ def _loss_linear(phi, args):
     return 0.5 * jnp.sum((phi - _TARGET) ** 2)
 
 
+@pytest.mark.slow
 def test_j_unstable_linear_default_solver_is_stationary_point():
     # Root finders do not check stability: the default solver returns the controlled
     # equilibrium, the unique minimiser of ½‖A phi - b‖² + L/α (closed form).
@@ -1054,6 +1075,7 @@ def test_j_unstable_linear_default_solver_is_stationary_point():
     assert_tree_close(info.phi_free, jnp.linalg.solve(a, b), 1e-10)
 
 
+@pytest.mark.slow
 def test_j_unstable_linear_discrete_time_reports_divergence():
     _, info = lcp.least_control_grad(
         _f_linear, _loss_linear, (_A_UNSTABLE, _B), jnp.zeros(2),

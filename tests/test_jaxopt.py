@@ -95,6 +95,7 @@ _SOLVERS = ["fixed_point_iteration", "anderson", "broyden", "gradient_descent"]
 
 
 @pytest.mark.parametrize("name", _SOLVERS)
+@pytest.mark.slow
 def test_small_strength_matches_jaxopt_implicit_diff(name):
     w, b, _ = _problem()
     make, deco, fn, lu = _solvers(name)
@@ -106,6 +107,7 @@ def test_small_strength_matches_jaxopt_implicit_diff(name):
 
 
 @pytest.mark.parametrize("form", ["fixed_point", "root"])
+@pytest.mark.slow
 def test_linear_dynamics_exact_at_any_strength(form):
     # f(x, θ) = (A - I) x + B θ is linear in (x, θ) jointly: the controlled state moves
     # but ∂θ f does not, so every strength gives the implicit gradient.
@@ -169,6 +171,7 @@ def _leaky_min_value(w, b, g, beta):
 
 
 @pytest.mark.parametrize("deco", ["custom_fixed_point", "custom_root"])
+@pytest.mark.slow
 def test_finite_strength_matches_leaky_objective(deco):
     w, b, c = _problem()
     strength = 0.5
@@ -243,6 +246,7 @@ def test_closed_over_parameters_get_gradients():
     assert_tree_close(got, expected, 1e-4)
 
 
+@pytest.mark.slow
 def test_vmap_jit_init_params_and_pytrees():
     # Pytree state and parameters; per-sample `b` with shared `w` under vmap.
     w, b, _ = _problem()
@@ -296,6 +300,7 @@ def test_vmap_jit_init_params_and_pytrees():
     assert_tree_close(per_sample[0][:2], expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_defaults_float32():
     # Every option at its default, jaxopt's included (tol 1e-5), in float32: the
     # one-line swap of the issue, `custom_fixed_point(T, has_aux=True)(aa.run)`.

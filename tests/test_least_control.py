@@ -80,6 +80,7 @@ def _h_reference(theta_flat, alpha, args=_args0):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.01, 0.1, 1.0])
+@pytest.mark.slow
 def test_theorem1_against_scipy(alpha):
     grad, info = lcp.least_control_grad(
         _f, _loss, _theta0, jnp.zeros(N), _args0,
@@ -101,6 +102,7 @@ def test_theorem1_against_scipy(alpha):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
+@pytest.mark.slow
 def test_objective_value_and_derivative(alpha):
     """`least_control_objective`: its value is H (alpha = 0) or min ½‖f‖² + L/α,
     solved independently with scipy, and `jax.grad` of it is the finite-difference
@@ -121,6 +123,7 @@ def test_objective_value_and_derivative(alpha):
     assert_tree_close(jfu.ravel_pytree(grad)[0], jnp.asarray(ref), 1e-9)
 
 
+@pytest.mark.slow
 def test_objective_batch_and_errors():
     xs = 0.5 * jax.random.normal(jax.random.key(3), (6, N))
 
@@ -184,6 +187,7 @@ def test_descent_drives_control_and_loss_to_zero():
     assert float(info.loss_free) < 1e-6 * float(info0.loss_free)
 
 
+@pytest.mark.slow
 def test_vmap_and_jit():
     xs = 0.5 * jax.random.normal(jax.random.key(3), (3, N))
 
@@ -199,6 +203,7 @@ def test_vmap_and_jit():
         assert_tree_close(jax.tree.map(lambda a, i=i: a[i], grads), g, 1e-10)
 
 
+@pytest.mark.slow
 def test_feedback_hook():
     def exact(phi, theta, args, psi):
         # (∂φ f)ᵀψ for f = -φ + W tanh(φ) + ..., written out by hand.
@@ -270,6 +275,7 @@ def _cross_entropy_reference(alpha):
     ],
     ids=["DI", "DI-proportional", "EBD"],
 )
+@pytest.mark.slow
 def test_imex_nonquadratic_loss(controller, cg_steps):
     """With a loss whose Hessian varies, one truncated-CG step per iteration is only
     an approximate Newton step on the implicit loss term, but the fixed point (the
@@ -323,6 +329,7 @@ def test_imex_divergence():
     assert info.result == lcp.RESULTS.free_equilibrium_failed
 
 
+@pytest.mark.slow
 def test_readout():
     def h(phi, theta, args):
         return theta["V"] @ jnp.tanh(phi) + theta["c"]
@@ -386,6 +393,7 @@ def _meta_problem():
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.slow
 def test_meta_learning_local_updates(alpha):
     """Δω = λu* for LF with Q = I (Theorem 2 holds: every unit is an output) and
     -λψ* for DI; at perfect control the two agree."""
@@ -404,6 +412,7 @@ def test_meta_learning_local_updates(alpha):
         assert_tree_close(grad_lf, grad_di, 1e-8)
 
 
+@pytest.mark.slow
 def test_meta_learning_imaml():
     """At weak control the meta-update is the iMAML meta-gradient (optimistix)."""
     f, l_eval, _, omega = _meta_problem()
@@ -423,6 +432,7 @@ def test_meta_learning_imaml():
     assert_tree_close(alpha * grad, ref, 1e-4)
 
 
+@pytest.mark.slow
 def test_error_divergence():
     solver = lcp.DiscreteTime(step_size=0.5)
     kwargs = dict(controller=lcp.EnergyBased(beta=100.0), solver=solver)

@@ -39,6 +39,7 @@ def _loss_unrolled(model, x, labels, iters=200):
     return jnp.mean(jax.vmap(cross_entropy)(y, labels))
 
 
+@pytest.mark.slow
 def test_ff_masks_make_a_feedforward_pass():
     model = EquilibriumNetwork(6, 3, (4, 5), "ff", key=jax.random.key(0))
     x, _ = _batch(jax.random.key(1))
@@ -55,6 +56,7 @@ def test_ff_masks_make_a_feedforward_pass():
     assert m_r[:, :4].sum() == 0
 
 
+@pytest.mark.slow
 def test_rbp_gradient_matches_unrolled_backprop():
     model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(2))
     x, labels = _batch(jax.random.key(3))
@@ -83,6 +85,7 @@ def _assert_hebbian(grads, model, x, h, psi_h, psi_y):
 
 
 @pytest.mark.parametrize("arch", ["ff", "rnn"])
+@pytest.mark.slow
 def test_lcp_update_is_the_local_hebbian_rule(arch):
     hidden = (4, 5) if arch == "ff" else 6
     model = EquilibriumNetwork(6, 3, hidden, arch, key=jax.random.key(4))
@@ -118,6 +121,7 @@ def test_lcp_update_is_the_local_hebbian_rule(arch):
     _assert_hebbian(grads, model, x, h, psi_h, psi_y)
 
 
+@pytest.mark.slow
 def test_weak_control_recovers_the_implicit_gradient():
     model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(6))
     x, labels = _batch(jax.random.key(7))
@@ -138,6 +142,7 @@ def test_weak_control_recovers_the_implicit_gradient():
 
 
 @pytest.mark.parametrize("variant", ["di", "ebd"])
+@pytest.mark.slow
 def test_default_tolerance_follows_the_control_strength(variant):
     # ψ* is O(1/alpha): a fixed solver tolerance would let the update's relative
     # error grow with alpha (EBD at alpha = 1000 and tolerance 1e-4: about 50%).
@@ -158,6 +163,7 @@ def test_default_tolerance_follows_the_control_strength(variant):
     assert LeastControl(alpha=1000.0, rtol=1e-3)._tolerances() == (1e-3, 1e-6)
 
 
+@pytest.mark.slow
 def test_kp_feedback_with_transposed_weights_is_the_exact_jacobian():
     model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(8), feedback=True)
     tied = eqx.tree_at(lambda m: (m.S_W, m.S_R), model, (model.W.T, model.R.T))
@@ -189,6 +195,7 @@ def test_kp_feedback_with_transposed_weights_is_the_exact_jacobian():
 
 
 @pytest.mark.parametrize("modulate", [True, False])
+@pytest.mark.slow
 def test_linear_feedback_update_is_the_local_rule(modulate):
     model = EquilibriumNetwork(6, 3, (4, 5), "ff", key=jax.random.key(20))
     x, labels = _batch(jax.random.key(21))
@@ -233,6 +240,7 @@ def test_linear_feedback_update_is_the_local_rule(modulate):
     _assert_hebbian(grads, model, x, h, psi_h, psi_y)
 
 
+@pytest.mark.slow
 def test_modulated_linear_feedback_recovers_di_with_the_unit_free_feedback():
     # With D = diag tanh'(h), DI's feedback is [D (I - WᵀD)⁻¹ Rᵀ; I]. A Q equal to
     # the part without the units' own D, [(I - WᵀD)⁻¹ Rᵀ; I], plus the modulation
@@ -260,6 +268,7 @@ def test_modulated_linear_feedback_recovers_di_with_the_unit_free_feedback():
     assert cos[True] > 0.9999 and cos[False] < 0.99, cos
 
 
+@pytest.mark.slow
 def test_failed_solves_are_left_out_of_update_and_stats():
     model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(25))
     x, labels = _batch(jax.random.key(26))
@@ -272,6 +281,7 @@ def test_failed_solves_are_left_out_of_update_and_stats():
         np.testing.assert_array_equal(g, 0)
 
 
+@pytest.mark.slow
 def test_linear_feedback_learns_q_towards_the_di_update():
     model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(12))
     x, labels = _batch(jax.random.key(13), n=8)
@@ -290,6 +300,7 @@ def test_linear_feedback_learns_q_towards_the_di_update():
     assert cosines[0] < cosines[1] < cosines[2] and cosines[-1] > 0.8, cosines
 
 
+@pytest.mark.slow
 def test_training_with_optax_learns():
     from lcp_solvers.experiments import Dataset
 
@@ -330,6 +341,7 @@ def test_training_with_optax_learns():
             assert float(jnp.linalg.norm(trained.S_W, ord=2)) <= limit * (1 + 1e-5)
 
 
+@pytest.mark.slow
 def test_cosine_step_size_against_a_hand_written_adam():
     # One batch per epoch (the whole training set), so the only difference between
     # the runs is the step size: a hand-written Adam with the closed-form cosine
@@ -383,6 +395,7 @@ def test_cosine_step_size_against_a_hand_written_adam():
         )
 
 
+@pytest.mark.slow
 def test_meta_gradients_against_independent_formulas():
     omega, unravel = init_mlp(jax.random.key(0), width=3)
     # A strong synapse keeps the inner problems convex near ω, so that the
@@ -446,6 +459,7 @@ def test_meta_gradients_against_independent_formulas():
         meta_gradient("maml", learner, omega, task0)  # pyright: ignore
 
 
+@pytest.mark.slow
 def test_meta_lcp_solves_converge_and_weak_control_limit():
     # At λ = 1 the inner problem is barely convex and the query loss is not: the
     # controlled solve from (φ*, 0) (Newton, or Anderson-accelerated Euler) often
@@ -471,6 +485,7 @@ def test_meta_lcp_solves_converge_and_weak_control_limit():
         meta_gradient("lcp", learner, omega, task0, alpha=0.0)
 
 
+@pytest.mark.slow
 def test_meta_reports_unconverged_inner_solves():
     omega, unravel = init_mlp(jax.random.key(0), width=5)
     tasks = sample_sinusoid_tasks(jax.random.key(5), 3)
@@ -487,6 +502,7 @@ def test_meta_reports_unconverged_inner_solves():
     assert out["inner_success"] == 1.0 and out["test_inner_success"] == 1.0
 
 
+@pytest.mark.slow
 def test_meta_train_tests_each_method_with_its_own_inner_learner():
     # Zero meta-steps: ω is the initialisation, so the test MSE is that of the inner
     # learner alone, computed here independently.
