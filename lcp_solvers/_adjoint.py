@@ -18,7 +18,7 @@ from ._anderson import AndersonAcceleration
 from ._dropin import check_strength, least_control_cotangent
 from ._engine import resolve_tolerances
 from ._inner_solver import as_inner_solver, DiscreteTime, InnerSolver
-from ._misc import is_none, theta_vjp
+from ._misc import check_max_steps, check_tolerances, is_none, theta_vjp
 
 
 class LeastControlAdjoint(optx.AbstractAdjoint):
@@ -92,15 +92,8 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
 
     def __check_init__(self):
         check_strength(self.strength, "LeastControlAdjoint")
-        if (
-            isinstance(self.max_steps, bool)
-            or not isinstance(self.max_steps, int)
-            or self.max_steps < 1
-        ):
-            raise ValueError(
-                "LeastControlAdjoint: `max_steps` must be a positive int (the most "
-                f"steps of the controlled solve), got {self.max_steps!r}."
-            )
+        check_max_steps(self.max_steps, "LeastControlAdjoint")
+        check_tolerances(self.rtol, self.atol, "LeastControlAdjoint")
         if self.solver is not None:
             as_inner_solver(self.solver, "LeastControlAdjoint")
 

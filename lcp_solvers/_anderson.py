@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
+from ._misc import check_positive
+
 
 def _spd_solve(a: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m"]:
     # Cholesky for a tiny (history-sized) matrix, unrolled into elementwise operations:
@@ -81,6 +83,7 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
     regularisation: float = 1e-10
 
     def __check_init__(self):
+        check_positive(self.mixing, "AndersonAcceleration", "mixing")
         if self.history_length < 1:
             raise ValueError(
                 "`AndersonAcceleration(history_length=...)` must be at least 1, got "

@@ -12,7 +12,7 @@ from jaxtyping import Array, PyTree
 
 from ._adjoint import LeastControlAdjoint
 from ._anderson import AndersonAcceleration
-from ._misc import tree_rms, tree_sub
+from ._misc import check_max_steps, tree_rms, tree_sub
 from ._solution import RESULTS
 
 
@@ -147,6 +147,7 @@ class DEQ(eqx.Module):
         self.z0 = z0
         self.solver = solver
         self.adjoint = adjoint
+        check_max_steps(max_steps, "DEQ", allow_none=True)
         if (
             isinstance(contraction_steps, bool)
             or not isinstance(contraction_steps, int)

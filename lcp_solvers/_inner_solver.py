@@ -14,6 +14,7 @@ from jaxtyping import Array
 
 from ._anderson import AndersonAcceleration
 from ._controller import AbstractController, AbstractImexController
+from ._misc import check_positive
 from ._solution import RESULTS
 from ._system import ControlledSystem
 
@@ -101,6 +102,10 @@ class DiscreteTime(AbstractInnerSolver):
 
     step_size: float = 0.5
     solver: optx.AbstractFixedPointSolver | None = None
+
+    def __check_init__(self):
+        # A zero step never moves: the start would pass as converged.
+        check_positive(self.step_size, "DiscreteTime", "step_size")
 
     def solve(self, problem, z0, *, rtol, atol, max_steps):
         h = self.step_size
@@ -270,10 +275,7 @@ class IMEX(AbstractInnerSolver):
     output_gain: float = 10.0
 
     def __check_init__(self):
-        if isinstance(self.step_size, (int, float)) and not self.step_size > 0:
-            raise ValueError(
-                f"`IMEX(step_size=...)` must be positive, got {self.step_size}."
-            )
+        check_positive(self.step_size, "IMEX", "step_size")
         if isinstance(self.output_gain, (int, float)) and not self.output_gain > 0:
             raise ValueError(
                 f"`IMEX(output_gain=...)` must be positive, got {self.output_gain}."

@@ -10,7 +10,13 @@ from jaxtyping import Array, PyTree, Scalar
 from ._controller import AbstractController, DynamicInversion
 from ._engine import controlled_equilibrium, free_equilibrium, resolve_tolerances
 from ._inner_solver import as_inner_solver, InnerSolver
-from ._misc import is_none, theta_vjp, tree_allfinite
+from ._misc import (
+    check_max_steps,
+    check_tolerances,
+    is_none,
+    theta_vjp,
+    tree_allfinite,
+)
 from ._solution import RESULTS
 from ._system import ControlledSystem, output_mask
 
@@ -80,7 +86,11 @@ def _check_structures(f, loss, theta, phi0, args, controller):
         )
 
 
-def _check_arguments(f, loss, theta, phi0, args, controller, solver, name):
+def _check_arguments(
+    f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps, name
+):
+    check_max_steps(max_steps, name)
+    check_tolerances(rtol, atol, name)
     if not isinstance(controller, AbstractController):
         raise ValueError(
             f"`{name}(controller=...)` must be an `lcp.AbstractController` "
@@ -252,8 +262,9 @@ def least_control_grad(
     `(grad, info)`: `grad` as above, `info` a [`lcp_solvers.LeastControlInfo`][].
     """
     inner = _check_arguments(
-        f, loss, theta, phi0, args, controller, solver, "least_control_grad"
-    )
+        f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps,
+        "least_control_grad",
+    )  # fmt: skip
     info = _least_control_solve(
         f, loss, theta, phi0, args, controller, inner, rtol, atol, max_steps, throw,
         "least_control_grad",
@@ -438,8 +449,9 @@ def least_control_objective(
     [`lcp_solvers.LeastControlInfo`][].
     """
     inner = _check_arguments(
-        f, loss, theta, phi0, args, controller, solver, "least_control_objective"
-    )
+        f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps,
+        "least_control_objective",
+    )  # fmt: skip
     config = _Config(f, loss, controller, inner, rtol, atol, max_steps, throw)
     value, info = _objective(theta, phi0, args, config)
     # `info` reports the solves; it carries no derivative (as optimistix's stats).

@@ -1,3 +1,5 @@
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -79,3 +81,43 @@ def tree_float_dtype(tree: PyTree) -> jnp.dtype:
     """The promoted dtype of a pytree's inexact arrays (the default float if none)."""
     leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
     return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+
+
+# Argument checks shared by the entry points, so that one bad value gets one message
+# everywhere. Python numbers only: arrays are checked where they are used (under jit).
+
+
+def check_max_steps(max_steps, where: str, *, allow_none: bool = False):
+    if max_steps is None and allow_none:
+        return
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        none = " or None (no limit)" if allow_none else ""
+        raise ValueError(
+            f"`{where}(max_steps=...)` must be a positive int{none}, got {max_steps!r}."
+        )
+
+
+def check_tolerances(rtol, atol, where: str):
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, bool) or not (value >= 0 and math.isfinite(value)):
+            raise ValueError(
+                f"`{where}({name}=...)` must be a non-negative finite number (or "
+                f"None for the default), got {value!r}."
+            )
+    if isinstance(rtol, (int, float)) and isinstance(atol, (int, float)):
+        if rtol == 0 and atol == 0:
+            raise ValueError(
+                f"`{where}`: `rtol` and `atol` are both 0, a test no solve can pass; "
+                "give at least one a positive value."
+            )
+
+
+def check_positive(value, where: str, name: str):
+    if isinstance(value, (int, float)) and not (
+        not isinstance(value, bool) and value > 0 and math.isfinite(value)
+    ):
+        raise ValueError(
+            f"`{where}({name}=...)` must be positive and finite, got {value!r}."
+        )

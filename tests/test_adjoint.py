@@ -503,9 +503,13 @@ def test_bad_strength(strength):
 
 @pytest.mark.parametrize("max_steps", [0, -3, None, 2.5, True])
 def test_bad_max_steps(max_steps):
-    with pytest.raises(ValueError, match="`max_steps` must be a positive int"):
+    with pytest.raises(
+        ValueError, match=r"\(max_steps=\.\.\.\)` must be a positive int"
+    ):
         lcp.LeastControlAdjoint(max_steps=max_steps)
-    with pytest.raises(ValueError, match="`max_steps` must be a positive int"):
+    with pytest.raises(
+        ValueError, match=r"\(max_steps=\.\.\.\)` must be a positive int"
+    ):
         lcp.custom_fixed_point(lambda p, x: 0.5 * p + x, max_steps=max_steps)
 
 

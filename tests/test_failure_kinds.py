@@ -1,4 +1,4 @@
-"""Regression tests for the failure kinds of issue 14, one section per kind (a-j).
+"""Regression tests for failure kinds, one section per kind (a-k).
 
 Each test asserts the correct behaviour against an independent reference:
 `optx.ImplicitAdjoint`, jaxopt's own implicit differentiation, central finite
@@ -1083,3 +1083,66 @@ def test_j_unstable_linear_discrete_time_reports_divergence():
         solver=lcp.DiscreteTime(step_size=0.5), max_steps=500, throw=False,
     )  # fmt: skip
     assert info.result != lcp.RESULTS.successful
+
+
+# ---------------------------------------------------------------------------------
+# k. A bad number given to any entry point is refused at construction or trace time,
+#    naming the argument, never accepted to fail later or return a wrong answer
+#    (e.g. DiscreteTime(step_size=0) used to report success at the start point).
+# ---------------------------------------------------------------------------------
+
+
+def _entry_with(entry, **kw):
+    theta, phi0, args = W3, jnp.zeros(3), (X3, T3)
+    if entry == "adjoint":
+        return lambda: lcp.LeastControlAdjoint(**kw)
+    if entry == "custom_fixed_point":
+        return lambda: lcp.custom_fixed_point(_cell, **kw)
+    if entry == "grad":
+        return lambda: lcp.least_control_grad(_f, _sq_loss, theta, phi0, args, **kw)
+    if entry == "objective":
+        return lambda: lcp.least_control_objective(
+            _f, _sq_loss, theta, phi0, args, **kw
+        )
+    assert entry == "deq"
+    return lambda: lcp.DEQ(_cell, jnp.zeros(3), **kw)
+
+
+_BAD_NUMBERS = [
+    ("max_steps", 0), ("max_steps", -3), ("max_steps", 2.5), ("max_steps", True),
+    ("rtol", -1e-6), ("atol", float("nan")), ("rtol", float("inf")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "entry, name, value",
+    [
+        (entry, name, value)
+        for entry in ["adjoint", "custom_fixed_point", "grad", "objective", "deq"]
+        for name, value in _BAD_NUMBERS
+        # DEQ takes its tolerances from its forward solver.
+        if entry != "deq" or name == "max_steps"
+    ],
+)
+def test_k_bad_numbers_refused(entry, name, value):
+    with pytest.raises(ValueError, match=rf"\({name}=\.\.\.\)`"):
+        _entry_with(entry, **{name: value})()
+
+
+def test_k_zero_tolerances_refused():
+    with pytest.raises(ValueError, match="both 0"):
+        lcp.LeastControlAdjoint(rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda v: lcp.DiscreteTime(step_size=v), "step_size"),
+        (lambda v: lcp.IMEX(step_size=v), "step_size"),
+        (lambda v: lcp.AndersonAcceleration(1e-6, 1e-6, mixing=v), "mixing"),
+    ],
+)
+@pytest.mark.parametrize("value", [0.0, -0.5, float("nan"), float("inf")])
+def test_k_bad_step_sizes_refused(make, name, value):
+    with pytest.raises(ValueError, match=rf"\({name}=\.\.\.\)` must be positive"):
+        make(value)
