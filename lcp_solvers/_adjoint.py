@@ -69,7 +69,9 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
         matrix-free Newton–Krylov solve on large states.
 
     Any `optx.AbstractFixedPointSolver` (applied to the joint map) or
-    `optx.AbstractRootFinder` (applied to the joint root problem) can be passed.
+    `optx.AbstractRootFinder` (applied to the joint root problem) can be passed, or
+    an [`lcp_solvers.AbstractInnerSolver`][] (e.g. `lcp.DiscreteTime`), which
+    follows the joint dynamics to their steady state.
 
     **Forward mode.** The least-control map is not linear in `ḡ`, so it is the
     transpose rule of a linear primitive whose own evaluation is the implicit JVP:
@@ -95,7 +97,13 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
         check_max_steps(self.max_steps, "LeastControlAdjoint")
         check_tolerances(self.rtol, self.atol, "LeastControlAdjoint")
         if self.solver is not None:
-            as_inner_solver(self.solver, "LeastControlAdjoint")
+            as_inner_solver(
+                self.solver,
+                "LeastControlAdjoint",
+                default="lcp.AndersonAcceleration on the joint map for fixed-point "
+                "problems, optx.Newton for root problems",
+                fixed_point_on="the joint map",
+            )
 
     def apply(
         self,

@@ -34,6 +34,7 @@ def linear_feedback_update(
     noise `σε` (time constant `noise_time`, unit variance) is injected into every unit:
 
     $$\dot φ = f(φ, θ) + Q u + σ ε,\qquad \dot u = -(P φ - P φ_{free}) - α u,$$
+
     $$\dot Q = -σ^{-2} (Q u + σ ε)(u - \bar u)^\top - γ Q,$$
 
     (`P = output`, `ū` a running mean of `u`), simulated with Euler–Maruyama. `u`

@@ -393,9 +393,17 @@ InnerSolver = (
 )
 
 
-def as_inner_solver(solver, where: str) -> AbstractInnerSolver:
+def as_inner_solver(
+    solver,
+    where: str,
+    *,
+    default: str = "optx.Newton",
+    fixed_point_on: str = "the Euler map",
+) -> AbstractInnerSolver:
     """`solver` as an [`AbstractInnerSolver`][]: `None` is `optx.Newton`, a root finder
-    is applied to the residual, a fixed-point solver to the Euler map with step 1."""
+    is applied to the residual, a fixed-point solver to the Euler map with step 1.
+    `default` and `fixed_point_on` describe the caller's own meaning of `None` and of
+    a fixed-point solver in the error message."""
     if isinstance(solver, AbstractInnerSolver):
         return solver
     if solver is None or isinstance(solver, optx.AbstractRootFinder):
@@ -403,9 +411,9 @@ def as_inner_solver(solver, where: str) -> AbstractInnerSolver:
     if isinstance(solver, optx.AbstractFixedPointSolver):
         return DiscreteTime(step_size=1.0, solver=solver)
     raise ValueError(
-        f"`{where}(solver=...)` must be `None` (optx.Newton), an optimistix root "
+        f"`{where}(solver=...)` must be `None` ({default}), an optimistix root "
         "finder (e.g. `optx.Newton`), an optimistix fixed-point solver (e.g. "
-        "`lcp.AndersonAcceleration`, applied to the Euler map), or an "
+        f"`lcp.AndersonAcceleration`, applied to {fixed_point_on}), or an "
         "`lcp.AbstractInnerSolver` such as `lcp.DiscreteTime(step_size, solver)`, "
         f"`lcp.IMEX(...)` or `lcp.ContinuousTime(...)`; got {type(solver).__name__}."
     )

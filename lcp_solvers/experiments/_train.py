@@ -78,7 +78,8 @@ def mean_of_successful(ok: Array, tree: PyTree[Array]) -> PyTree[Array]:
 
 
 class AbstractUpdateRule(eqx.Module):
-    """How a batch turns into parameter updates for an [`EquilibriumNetwork`][].
+    """How a batch turns into parameter updates for an
+    [`EquilibriumNetwork`][lcp_solvers.experiments.EquilibriumNetwork].
 
     `__call__` returns `(grads, state, stats)`: `grads` has the structure of
     `eqx.filter(model, eqx.is_inexact_array)` and is to be *descended* (pass it to an
@@ -161,7 +162,8 @@ class LeastControl(AbstractUpdateRule):
         - `"lf"`: linear feedback `ψ = Q u` with `Q` learned by the noise-driven rule
             of [`lcp_solvers.linear_feedback_update`][] (see `modulate`);
         - `"ebd"`: energy-based dynamics at `β = 1/α`.
-    - `alpha`: leak of the output controller (the paper's 0.1).
+    - `alpha`: leak of the output controller, for the per-example loss (the paper's
+        0.1 is for a batch-mean loss: at batch `B` it is `alpha = 0.1·B` here).
     - `solver`: solver of the controlled equilibrium (see `least_control_grad`).
         `None` picks per variant, all Anderson-accelerated
         (`lcp.AndersonAcceleration(rtol, atol, history_length)`: on the feedforward
