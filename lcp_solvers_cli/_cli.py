@@ -71,16 +71,13 @@ def _norm_limit(text: str) -> float | None:
     return _positive_float(text)
 
 
-def _add_training_args(p: argparse.ArgumentParser, *, epochs: int, hidden: int):
+def _add_training_args(
+    p: argparse.ArgumentParser, *, epochs: int, hidden: int, hidden_help: str
+):
     p.add_argument(
         "--epochs", type=_positive_int, default=epochs, help="training epochs"
     )
-    p.add_argument(
-        "--hidden",
-        type=_positive_int,
-        default=hidden,
-        help="units per hidden layer (FF: 2 layers of this size; RNN: one population)",
-    )
+    p.add_argument("--hidden", type=_positive_int, default=hidden, help=hidden_help)
     p.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -102,9 +99,11 @@ def _add_training_args(p: argparse.ArgumentParser, *, epochs: int, hidden: int):
         type=_positive_float,
         default=10.0,
         help=(
-            "leak of the output controller; EBD uses beta=1/alpha. The paper's 0.1 "
-            "and 1 (stronger control) learn worse on these small networks, and "
-            "MNIST-1D needs 100 for DI and EBD to match BP/RBP: see docs/results.md"
+            "leak of the output controller, for the per-example loss (the paper's "
+            "alpha, for a batch mean, times the batch size: its 0.1 at batch 64 is "
+            "6.4 here); EBD uses beta=1/alpha. 0.1 and 1 (stronger control) learn "
+            "worse on these small networks, and MNIST-1D needs 100 for DI and EBD "
+            "to match BP/RBP: see docs/results.md"
         ),
     )
     p.add_argument(
@@ -150,13 +149,15 @@ def _build_parser() -> argparse.ArgumentParser:
             "Train the equilibrium RNN on scikit-learn's 8x8 digits with recurrent "
             "backprop (implicit gradient) and with the least-control principle "
             "(dynamic inversion) side by side; print a table, save a PNG of the "
-            "training curves. Columns: final test accuracy (± std over seeds; 0 for "
-            "one seed), H = the control cost ½‖ψ‖² at the last update (LCP only), "
-            "seconds per epoch after the first (which compiles), and the mean number "
-            "of steps of the controlled solve."
+            "training curves. Columns: final test accuracy, H = the control cost "
+            "½‖ψ‖² per example in the last epoch (LCP only), seconds per epoch after "
+            "the first (which compiles; n/a with one epoch), and the mean number of "
+            "steps of the controlled solve (BP/RBP: of the forward solve)."
         ),
     )
-    _add_training_args(demo, epochs=15, hidden=64)
+    _add_training_args(
+        demo, epochs=15, hidden=64, hidden_help="units of the recurrent network"
+    )
     demo.set_defaults(plot=_DEMO_PLOT)
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of the data split and the network"
@@ -204,7 +205,7 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=_METHODS,
         default=list(_METHODS),
-        help="which methods to run (default: all)",
+        help="which methods to run",
     )
     table1.add_argument(
         "--architectures",
@@ -213,7 +214,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=["ff", "rnn"],
         help="feedforward (ff) and/or recurrent (rnn) equilibrium networks",
     )
-    _add_training_args(table1, epochs=30, hidden=256)
+    _add_training_args(
+        table1,
+        epochs=30,
+        hidden=256,
+        hidden_help="units per hidden layer (FF: 2 layers of this size; RNN: one "
+        "population)",
+    )
 
     meta = rsub.add_parser(
         "meta",
@@ -274,7 +281,7 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=_META_METHODS,
         default=list(_META_METHODS),
-        help="which methods to run (default: all)",
+        help="which methods to run",
     )
     meta.add_argument(
         "--json", metavar="FILE", default=None, help="write the results as JSON here"
@@ -361,14 +368,15 @@ def _summarise(histories):
     import numpy as np
 
     acc = [100 * h["test_accuracy"][-1] for h in histories]
-    # The first epoch includes JIT compilation; leave it out of the timing.
-    sec = [np.mean(h["seconds"][1:] or h["seconds"]) for h in histories]
+    # The first epoch includes JIT compilation; leave it out of the timing (with
+    # one epoch there is no timing to report).
+    sec = [np.mean(h["seconds"][1:]) for h in histories if len(h["seconds"]) > 1]
     out = {
         "test_accuracy": _mean_std(acc)[0],
         "test_accuracy_std": _mean_std(acc)[1],
         "test_accuracy_per_seed": acc,
         "final_H": float(np.mean([h["H"][-1] for h in histories])),
-        "seconds_per_epoch": float(np.mean(sec)),
+        "seconds_per_epoch": float(np.mean(sec)) if sec else None,
         "mean_solve_steps": float(np.mean([np.mean(h["steps"]) for h in histories])),
         "solve_success": float(
             np.mean([np.mean(h["solve_success"]) for h in histories])
@@ -376,6 +384,10 @@ def _summarise(histories):
         "curves": [h["test_accuracy"] for h in histories],
     }
     return out
+
+
+def _plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _fmt(x, spec):
@@ -394,12 +406,24 @@ def _print_table(rows, title):
         "\n|---|---|---|---|---|---|"
     )
     lines = [title, "", header]
+    several_seeds = False
     for (name, arch), r in rows.items():
-        acc = f"{r['test_accuracy']:.2f} ± {r['test_accuracy_std']:.2f}"
+        acc = f"{r['test_accuracy']:.2f}"
+        if len(r["test_accuracy_per_seed"]) > 1:
+            acc += f" ± {r['test_accuracy_std']:.2f}"
+            several_seeds = True
         lines.append(
             f"| {name} | {arch} | {acc} | {_fmt(r['final_H'], '.3g')} | "
-            f"{r['seconds_per_epoch']:.2f} | {r['mean_solve_steps']:.1f} |"
+            f"{_fmt(r['seconds_per_epoch'], '.2f')} | {r['mean_solve_steps']:.1f} |"
         )
+    spread = " (mean ± std over seeds)" if several_seeds else ""
+    lines += [
+        "",
+        f"test acc.: at the free equilibrium after the last epoch{spread}. final H: "
+        "½‖ψ‖² per example in the last epoch (LCP only). s / epoch: after the "
+        "first, which compiles. solve steps: mean steps of the controlled solve "
+        "(BP/RBP: of the forward solve).",
+    ]
     print("\n".join(lines), flush=True)
 
 
@@ -491,8 +515,8 @@ def _demo(args):
     )
     title = (
         f"digits ({len(dataset.x_train)} train / {len(dataset.x_test)} test), "
-        f"eqRNN {args.hidden} units, {args.epochs} epochs, alpha {args.alpha:g}"
-        + _schedule_note(args)
+        f"eqRNN {args.hidden} units, {_plural(args.epochs, 'epoch')}, "
+        f"alpha {args.alpha:g}" + _schedule_note(args)
     )
     rows = {}
     try:
@@ -540,7 +564,8 @@ def _table1(args):
         return 2
     title = (
         f"{args.dataset} ({len(dataset.x_train)} train / {len(dataset.x_test)} test), "
-        f"hidden {args.hidden}, {args.epochs} epochs, {args.seeds} seed(s), "
+        f"hidden {args.hidden}, {_plural(args.epochs, 'epoch')}, "
+        f"{_plural(args.seeds, 'seed')}, "
         f"alpha {args.alpha:g}" + _schedule_note(args)
     )
     try:
