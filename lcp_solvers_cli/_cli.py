@@ -131,6 +131,15 @@ def _add_training_args(
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return f"%(prog)s {importlib.metadata.version('lcp-solvers')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "%(prog)s (not installed)"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lcp-solvers",
@@ -139,6 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "at equilibrium' (Meulemans et al., NeurIPS 2022). Nothing is downloaded."
         ),
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -794,9 +804,15 @@ def _check_paths(args) -> str | None:
             return f"--{option} {path}: cannot write there ({e.strerror})"
         if not existed:
             target.unlink()
-    data_dir = getattr(args, "data_dir", None)
-    if data_dir is not None and not pathlib.Path(data_dir).is_dir():
-        return f"--data-dir {data_dir}: not a directory"
+    if getattr(args, "dataset", None) == "mnist":
+        data_dir = args.data_dir
+        if data_dir is None:
+            return (
+                "--dataset mnist needs --data-dir DIR, a directory with mnist.npz or "
+                "the four MNIST IDX files (nothing is downloaded)"
+            )
+        if not pathlib.Path(data_dir).is_dir():
+            return f"--data-dir {data_dir}: not a directory"
     return None
 
 
