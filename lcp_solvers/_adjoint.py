@@ -150,6 +150,19 @@ LeastControlAdjoint.__init__.__doc__ = """**Arguments:**
 - `throw`: if `True`, a backward pass that fails (non-finite cotangent or state, a
     controlled solve that does not converge or diverges) raises an error saying what to
     change. If `False` it returns the best estimate it has.
+
+**Raises:**
+
+- `ValueError` at construction: `strength` not positive and finite, `max_steps` not
+    a positive int, `rtol`/`atol` negative, non-finite or both 0, `solver` of another
+    kind.
+- `ValueError` when differentiated: a root problem that optimistix reroutes through
+    a minimiser or least-squares solver (the least-control update of `½‖f‖²` is not
+    that of `f`).
+- `NotImplementedError`: second-order forward mode (`jax.jacfwd` of `jax.jacfwd`).
+- `EquinoxRuntimeError` (from `equinox.error_if`; with `throw=True`) when the
+    backward pass fails: `RESULTS.control_max_steps_reached`, `control_divergence`,
+    `nonfinite_cotangent` or `nonfinite_start`, each message saying what to change.
 """
 
 

@@ -119,6 +119,12 @@ class DEQ(eqx.Module):
             ([`lcp_solvers.DEQStats`][]`.contraction`), outside the backward pass.
             20 is usually enough to see the trend while training; each step costs
             one JVP and one VJP of the cell.
+
+        **Raises:**
+
+        `ValueError`: `cell` not callable, `solver` not an optimistix fixed-point
+        solver or root finder, `adjoint` not an `optx.AbstractAdjoint`, `max_steps`
+        not a positive int or `None`, `contraction_steps` not a non-negative int.
         """
         if not callable(cell):
             raise ValueError(
@@ -175,6 +181,15 @@ class DEQ(eqx.Module):
         **Returns:**
 
         A pair `(z, stats)`: the equilibrium state and a [`lcp_solvers.DEQStats`][].
+
+        **Raises:**
+
+        - `ValueError` when traced: `z0` not a pytree of floating-point arrays, a cell
+            that cannot be called as `cell(z, x)` or that returns a state of another
+            structure, shape or dtype.
+        - `EquinoxRuntimeError` (from `equinox.error_if`; with `throw=True`): the
+            forward solve failed (optimistix's message), or, when differentiated,
+            the errors of the `adjoint` (see [`lcp_solvers.LeastControlAdjoint`][]).
         """
         z0 = self._initial_state(x, z0)
         sol = optx.fixed_point(

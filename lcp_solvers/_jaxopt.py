@@ -78,6 +78,15 @@ def custom_fixed_point(
 
     A decorator: `custom_fixed_point(fixed_point_fun)(solver)` has the signature and
     return value of `solver`.
+
+    **Raises:**
+
+    - `ValueError` at decoration for bad options (as `lcp.LeastControlAdjoint`), and
+        when `fixed_point_fun` returns a pytree of another structure or shapes than
+        the solution.
+    - `TypeError` when the decorated solver is called with arguments that do not
+        match its signature (as Python would).
+    - When differentiated, the runtime errors of `lcp.LeastControlAdjoint`.
     """
 
     def f(y, theta):
@@ -152,6 +161,10 @@ def custom_root(
 
     A decorator: `custom_root(optimality_fun)(solver)` has the signature and return
     value of `solver`.
+
+    **Raises:**
+
+    As [`lcp_solvers.custom_fixed_point`][].
     """
 
     def f(y, theta):

@@ -260,6 +260,18 @@ def least_control_grad(
     **Returns:**
 
     `(grad, info)`: `grad` as above, `info` a [`lcp_solvers.LeastControlInfo`][].
+
+    **Raises:**
+
+    - `ValueError` when called (before any solve): `controller` or `solver` of
+        another kind, `max_steps`/`rtol`/`atol` out of range, a loss that is not a
+        scalar, `f(phi0, theta, args)` not of `phi0`'s structure, shapes and dtypes,
+        `lcp.IMEX` with a controller that lacks the IMEX capability (e.g.
+        `LinearFeedback`), a controller's own argument checks (e.g. `Q`'s shape).
+    - `EquinoxRuntimeError` (from `equinox.error_if`; with `throw=True`): a
+        non-finite `theta`, `phi0` or `args` (named), or a failed solve:
+        `RESULTS.free_equilibrium_failed`, `control_max_steps_reached` or
+        `control_divergence`, each message saying what to change.
     """
     inner = _check_arguments(
         f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps,
@@ -447,6 +459,12 @@ def least_control_objective(
 
     `(objective, info)`: the scalar objective and a
     [`lcp_solvers.LeastControlInfo`][].
+
+    **Raises:**
+
+    As [`lcp_solvers.least_control_grad`][], and a `ValueError` when `phi0` or
+    `args` is differentiated or when second derivatives are taken (`jax.hessian`,
+    `jax.jacrev(jax.grad(...))`): the principle defines the first-order update only.
     """
     inner = _check_arguments(
         f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps,
