@@ -41,6 +41,8 @@ class EquilibriumNetwork(eqx.Module):
     - `feedback`: if `True`, also create Kolen–Pollack feedback weights `S_W`, `S_R`
         (shapes of `Wᵀ`, `Rᵀ`), used by
         [`lcp_solvers.experiments.LeastControl`][] with `"kp"`.
+    - `dtype`: the parameters' floating dtype; `None` is JAX's default (float32, or
+        float64 with x64 enabled).
     """
 
     W: Float[Array, "n n"]

@@ -36,7 +36,9 @@ def sample_sinusoid_tasks(
     key: PRNGKeyArray, num_tasks: int, shots: int = 10, queries: int = 10, dtype=None
 ) -> SinusoidTasks:
     """Sample tasks as in MAML (Finn et al., 2017): amplitude in `[0.1, 5]`, phase in
-    `[0, π]`, inputs uniform in `[-5, 5]`."""
+    `[0, π]`, inputs uniform in `[-5, 5]`; `shots` support and `queries` query points
+    per task, of shape `(num_tasks, shots, 1)` and `(num_tasks, queries, 1)`, in
+    `dtype` (`None`: JAX's default float)."""
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     ka, kb, ks, kq = jax.random.split(key, 4)
     amp = jax.random.uniform(ka, (num_tasks, 1, 1), dtype, 0.1, 5.0)
@@ -105,7 +107,8 @@ class ComplexSynapseLearner(eqx.Module):
 
 
 def init_mlp(key: PRNGKeyArray, width: int = 20, depth: int = 2, dtype=None):
-    """A 1 → width → … → 1 tanh MLP as `(flat_weights, unravel)`."""
+    """A 1 → width → … → 1 tanh MLP (`depth` hidden layers) as `(flat_weights,
+    unravel)`, in `dtype` (`None`: JAX's default float)."""
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     mlp = eqx.nn.MLP(1, 1, width, depth, activation=jnp.tanh, key=key, dtype=dtype)
     params, static = eqx.partition(mlp, eqx.is_inexact_array)
@@ -246,6 +249,19 @@ def meta_gradient(
     inner_lr: float = 0.003,
 ) -> tuple[Float[Array, " p"], dict[str, Array]]:
     r"""The meta-update direction (to be descended) for one batch of tasks.
+
+    **Arguments:**
+
+    - `method`: one of the methods below.
+    - `learner`: the inner learner (its synapse `λ`, tolerances and network).
+    - `omega`: the slow weights, flattened (`p` parameters).
+    - `tasks`: a batch of tasks (`SinusoidTasks`, leading axis the tasks).
+    - `alpha`, `solver`, `max_steps`: the LCP controller's leak and the solver of its
+        controlled equilibrium (`"lcp"` only, see below).
+    - `inner_steps`, `inner_lr`: the gradient-descent inner loop of `"fomaml"` and
+        `"reptile"`.
+
+    **Methods:**
 
     - `"lcp"`: [`lcp_solvers.least_control_grad`][] on `f(φ, ω)` with linear feedback
         `Q = I`, so the controlled dynamics are `φ̇ = f + u`, `u̇ = -∇L_eval(φ) - αu`
@@ -392,6 +408,8 @@ def meta_train(
     `solve_steps`. `inner_success` and `test_inner_success` are the fractions of
     inner solves (BFGS, `max_steps`) that converged in training and on the test
     tasks: an unconverged one still counts, at the point where BFGS stopped.
+
+    `dtype` is the floating dtype of the weights and tasks (`None`: JAX's default).
     """
     import time
 

@@ -174,10 +174,11 @@ class LeastControl(AbstractUpdateRule):
         `least_control_grad`.
     - `step_size`, `history_length`: of those default solvers (`step_size` for
         `"lf"` only).
-    - `rtol`, `atol`, `max_steps`: its tolerances and step budget. `None` (default)
-        means `min(1e-4, 1e-3/alpha)`: `ψ*` is of order `1/alpha` (the output error
+    - `rtol`, `atol`: tolerances of the controlled solve. `None` (default) means
+        `min(1e-4, 1e-3/alpha)`: `ψ*` is of order `1/alpha` (the output error
         divided by the leak), so a fixed tolerance would make the update's relative
         error grow with `alpha`.
+    - `max_steps`: the controlled solve's step budget (default 256).
     - `weight_decay`: `γ` of Kolen–Pollack (applied to `W`, `R`, `S_W`, `S_R`).
     - `q_lr`, `q_decay`, `q_steps`, `q_samples`: learning rate, decay, number of
         Euler–Maruyama steps per batch and number of examples per batch of the
