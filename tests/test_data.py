@@ -1,10 +1,19 @@
 import gzip
+import pathlib
+import pickle
 import struct
 
 import numpy as np
 import pytest
 
-from lcp_solvers.experiments import load_digits, load_mnist, load_mnist1d, read_idx
+from lcp_solvers.experiments import (
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_mnist,
+    load_mnist1d,
+    read_idx,
+)
 
 
 def _write_idx(path, array, compress):
@@ -131,3 +140,94 @@ def test_bad_mnist_files(tmp_path):
         fh.truncate(100)
     with pytest.raises(ValueError, match="truncated"):
         load_mnist(tmp_path)
+
+
+def write_tiny_cifar10(directory, n_train=2, n_test=3, protocol=2, skip=()):
+    """The six CIFAR-10 python batches, as pickled dicts with bytes keys like the
+    real ones, with `n_train` images per training batch; returns the arrays."""
+    rng = np.random.default_rng(1)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_train
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n)]
+        written[name] = (data, labels)
+        if name in skip:
+            continue
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data}
+        (directory / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    return written
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+@pytest.mark.parametrize("subfolder", [False, True])
+def test_load_cifar10_from_python_batches(tmp_path, protocol, subfolder):
+    where = tmp_path / "cifar-10-batches-py" if subfolder else tmp_path
+    written = write_tiny_cifar10(where, protocol=protocol)
+    ds = load_cifar10(tmp_path)
+    assert ds.x_train.shape == (10, 3, 32, 32) and ds.x_test.shape == (3, 3, 32, 32)
+    assert ds.x_train.dtype == np.float32 and ds.num_classes == 10
+    train = [written[f"data_batch_{i}"] for i in range(1, 6)]
+    np.testing.assert_array_equal(ds.y_train, sum((y for _, y in train), []))
+    np.testing.assert_array_equal(ds.y_test, written["test_batch"][1])
+    # Per channel, with the training images' statistics (an independent numpy
+    # computation over the raw bytes, images laid out as 3 planes of 32x32).
+    raw = np.concatenate([x for x, _ in train]).reshape(-1, 3, 1024) / 255.0
+    mean, std = raw.mean(axis=(0, 2)), raw.std(axis=(0, 2))
+    test = written["test_batch"][0].reshape(-1, 3, 1024) / 255.0
+    want = (test - mean[None, :, None]) / std[None, :, None]
+    np.testing.assert_allclose(
+        ds.x_test.reshape(3, 3, 1024), want, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(ds.x_train.mean(axis=(0, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(ds.x_train.std(axis=(0, 2, 3)), 1, atol=1e-4)
+    small = load_dataset("cifar10", data_dir=tmp_path, max_train=4, max_test=1)
+    assert small.x_train.shape[0] == 4 and small.x_test.shape[0] == 1
+
+
+def test_cifar10_missing_and_bad_files(tmp_path):
+    write_tiny_cifar10(tmp_path, skip=("data_batch_3", "test_batch"))
+    with pytest.raises(FileNotFoundError, match="data_batch_3, test_batch"):
+        load_cifar10(tmp_path)
+    with pytest.raises(ValueError, match="data_dir"):
+        load_dataset("cifar10")
+    write_tiny_cifar10(tmp_path)
+    (tmp_path / "data_batch_2").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    )
+    with pytest.raises(ValueError, match="data_batch_2.*shape"):
+        load_cifar10(tmp_path)
+    (tmp_path / "data_batch_2").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        load_cifar10(tmp_path)
+
+
+class _Touch:
+    # A pickle that would create a file when loaded.
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.path,))
+
+
+def test_cifar10_batches_cannot_run_code(tmp_path):
+    write_tiny_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    batch = {b"data": _Touch(marker), b"labels": []}
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_cifar10(tmp_path)
+    assert not marker.exists()
+
+
+def test_digits_as_images():
+    ds = load_digits(as_images=True)
+    flat = load_digits()
+    assert ds.x_train.shape == (len(flat.x_train), 1, 8, 8)
+    np.testing.assert_array_equal(ds.y_train, flat.y_train)
+    # One channel: one mean and standard deviation over all training pixels.
+    assert abs(float(ds.x_train.mean())) < 1e-5
+    assert abs(float(ds.x_train.std()) - 1) < 1e-4

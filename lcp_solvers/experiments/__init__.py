@@ -12,6 +12,7 @@ importing `lcp_solvers` itself never imports them.
 
 from ._data import (
     Dataset as Dataset,
+    load_cifar10 as load_cifar10,
     load_dataset as load_dataset,
     load_digits as load_digits,
     load_mnist as load_mnist,

@@ -1,7 +1,9 @@
 """Offline data sets for the experiments: nothing here ever downloads."""
 
 import gzip
+import io
 import pathlib
+import pickle
 import struct
 from typing import NamedTuple
 
@@ -14,7 +16,10 @@ class Dataset(NamedTuple):
     **Fields:**
 
     - `x_train`, `x_test`: float arrays of shape `(n, features)`, standardised with the
-        training set's per-feature mean and standard deviation.
+        training set's per-feature mean and standard deviation; or, for image data
+        sets (`load_cifar10`, `load_digits(as_images=True)`), of shape
+        `(n, channels, height, width)` (channels first, as `equinox.nn.Conv2d`
+        takes them), standardised per channel.
     - `y_train`, `y_test`: integer labels of shape `(n,)`.
     - `num_classes`: the number of classes.
     - `name`: a short name for tables.
@@ -37,6 +42,17 @@ def _standardise(x_train, x_test):
     )
 
 
+def _standardise_channels(x_train, x_test):
+    # One mean and standard deviation per channel (axis 1) over the training images,
+    # as image pipelines normalise.
+    axes = (0, 2, 3)
+    mean = x_train.mean(axis=axes, keepdims=True)
+    std = np.maximum(x_train.std(axis=axes, keepdims=True), 1e-2)
+    return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(
+        np.float32
+    )
+
+
 def _subsample(ds: Dataset, max_train: int | None, max_test: int | None) -> Dataset:
     if max_train is not None:
         ds = ds._replace(x_train=ds.x_train[:max_train], y_train=ds.y_train[:max_train])
@@ -50,6 +66,7 @@ def load_digits(
     test_fraction: float = 0.25,
     max_train: int | None = None,
     max_test: int | None = None,
+    as_images: bool = False,
 ) -> Dataset:
     """scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package),
     split into train and test sets by a seeded stratified shuffle.
@@ -59,6 +76,9 @@ def load_digits(
     - `seed`: seed of the train/test split.
     - `test_fraction`: fraction of the images held out for testing.
     - `max_train`, `max_test`: optional caps on the number of examples (for quick runs).
+    - `as_images`: return `(n, 1, 8, 8)` images standardised over the whole channel
+        (an offline stand-in for image data sets such as CIFAR-10) instead of
+        64 features standardised one by one.
 
     **Returns:**
 
@@ -75,7 +95,12 @@ def load_digits(
         random_state=seed,
         stratify=y,
     )
-    x_train, x_test = _standardise(x_train, x_test)
+    if as_images:
+        x_train, x_test = _standardise_channels(
+            np.reshape(x_train, (-1, 1, 8, 8)), np.reshape(x_test, (-1, 1, 8, 8))
+        )
+    else:
+        x_train, x_test = _standardise(x_train, x_test)
     ds = Dataset(x_train, np.asarray(y_train), x_test, np.asarray(y_test), 10, "digits")
     return _subsample(ds, max_train, max_test)
 
@@ -257,6 +282,102 @@ def load_mnist(
     return _subsample(ds, max_train, max_test)
 
 
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TEST = "test_batch"
+# What CIFAR-10's python batches legitimately reference: numpy arrays and dtypes.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    # A batch re-saved from Python 3: protocol 2 writes bytes with `_codecs.encode`,
+    # protocol 5 builds arrays from a buffer.
+    ("_codecs", "encode"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    # The batches are pickles; refuse anything but arrays, so that a stray file can
+    # not run code when it is read.
+    def find_class(self, module, name):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays"
+        )
+
+
+def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    bad_file = (pickle.UnpicklingError, EOFError, KeyError, AttributeError, ValueError)
+    try:
+        raw = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+        data = np.asarray(batch["data"], np.uint8)
+        labels = np.asarray(batch["labels"], np.int32)
+    except bad_file as e:
+        raise ValueError(
+            f"{path} is not a CIFAR-10 python batch (a pickled dict with `data`, "
+            f"uint8 of shape (n, 3072), and `labels`): {e}"
+        ) from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise ValueError(
+            f"{path}: expected `data` of shape (n, 3072) and n labels, got "
+            f"{data.shape} and {len(labels)} labels."
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(
+    data_dir: str | pathlib.Path,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> Dataset:
+    """CIFAR-10 from the standard python batches already on disk; nothing is
+    downloaded.
+
+    `data_dir` holds the five training batches `data_batch_1` … `data_batch_5` and
+    `test_batch` of `cifar-10-python.tar.gz`, directly or in its
+    `cifar-10-batches-py` folder. The batches are pickles: only arrays are accepted
+    from them (anything else is refused before it is built).
+
+    **Arguments:**
+
+    - `data_dir`: the directory holding the batches.
+    - `max_train`, `max_test`: optional caps on the number of examples.
+
+    **Returns:**
+
+    A [`lcp_solvers.experiments.Dataset`][] of `(n, 3, 32, 32)` float32 images
+    standardised per channel with the training set's mean and standard deviation
+    (50,000 training and 10,000 test images in full).
+
+    **Raises:**
+
+    `FileNotFoundError` naming the directory and every missing batch; `ValueError`
+    for a file that is not a CIFAR-10 batch.
+    """
+    data_dir = pathlib.Path(data_dir)
+    if (data_dir / "cifar-10-batches-py").is_dir():
+        data_dir = data_dir / "cifar-10-batches-py"
+    names = (*_CIFAR_TRAIN, _CIFAR_TEST)
+    missing = [n for n in names if not (data_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 batches missing from {str(data_dir)!r}: {', '.join(missing)}. "
+            "Extract cifar-10-python.tar.gz there (the folder cifar-10-batches-py or "
+            "its files). Nothing is downloaded."
+        )
+    train = [_read_cifar_batch(data_dir / n) for n in _CIFAR_TRAIN]
+    x_test, y_test = _read_cifar_batch(data_dir / _CIFAR_TEST)
+    x_train = np.concatenate([x for x, _ in train]).astype(np.float64) / 255.0
+    y_train = np.concatenate([y for _, y in train])
+    x_train, x_test = _standardise_channels(x_train, x_test.astype(np.float64) / 255.0)
+    ds = Dataset(x_train, y_train, x_test, y_test, 10, "cifar10")
+    return _subsample(ds, max_train, max_test)
+
+
 def load_dataset(
     name: str,
     *,
@@ -265,8 +386,9 @@ def load_dataset(
     max_train: int | None = None,
     max_test: int | None = None,
 ) -> Dataset:
-    """Load a data set by name: `"digits"`, `"mnist1d"` or `"mnist"` (which needs
-    `data_dir`). See [`lcp_solvers.experiments.load_digits`][] and friends."""
+    """Load a data set by name: `"digits"`, `"mnist1d"`, or `"mnist"` and
+    `"cifar10"` (which need `data_dir`). See
+    [`lcp_solvers.experiments.load_digits`][] and friends."""
     if name == "digits":
         return load_digits(seed=seed, max_train=max_train, max_test=max_test)
     if name == "mnist1d":
@@ -278,6 +400,14 @@ def load_dataset(
                 "on the command line) pointing at the IDX files or `mnist.npz`."
             )
         return load_mnist(data_dir, max_train=max_train, max_test=max_test)
+    if name == "cifar10":
+        if data_dir is None:
+            raise ValueError(
+                "The `cifar10` data set is read from disk: pass `data_dir` pointing at "
+                "the python batches (the folder cifar-10-batches-py)."
+            )
+        return load_cifar10(data_dir, max_train=max_train, max_test=max_test)
     raise ValueError(
-        f"Unknown data set {name!r}; choose one of 'digits', 'mnist1d', 'mnist'."
+        f"Unknown data set {name!r}; choose one of 'digits', 'mnist1d', 'mnist', "
+        "'cifar10'."
     )
