@@ -25,6 +25,10 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
     r"""Backpropagate through a fixed-point or root solve with the least-control
     principle instead of the implicit function theorem.
 
+    Source: Meulemans et al., "The least-control principle for local learning at
+    equilibrium", NeurIPS 2022 (arXiv:2207.01332), Theorem 1 with leaky control,
+    applied to the loss linearised at the equilibrium.
+
     Pass it as `adjoint=` to `optx.fixed_point` or `optx.root_find`; nothing else
     changes. The forward pass is the user's solver, untouched. On the backward pass,
     with incoming cotangent `ḡ = ∂ℓ/∂y*`, it drives the layer's dynamics

@@ -59,7 +59,9 @@ class _AndersonState(eqx.Module):
 
 
 class AndersonAcceleration(optx.AbstractFixedPointSolver):
-    """Anderson acceleration (type II) for fixed points `y = fn(y, args)`.
+    """Anderson acceleration (type II) for fixed points `y = fn(y, args)`
+    (Anderson, 1965; Walker & Ni, "Anderson acceleration for fixed-point
+    iterations", SIAM J. Numer. Anal. 2011).
 
     Keeps the last `history_length` iterates and their images and takes the
     affine combination of them whose residual `fn(y) - y` is smallest in the

@@ -50,7 +50,9 @@ def _fn(z, args):
 
 
 class DEQ(eqx.Module):
-    r"""A deep equilibrium layer: the output is the fixed point `z* = cell(z*, x)`.
+    r"""A deep equilibrium layer: the output is the fixed point `z* = cell(z*, x)`
+    (Bai, Kolter & Koltun, "Deep equilibrium models", NeurIPS 2019), trained by
+    default with the least-control principle (Meulemans et al., NeurIPS 2022).
 
     The forward pass is any optimistix fixed-point solver or root finder; the backward
     pass is selectable, by default the least-control principle

@@ -214,6 +214,8 @@ def _truncated_cg(matvec, b, steps):
 class IMEX(AbstractInnerSolver):
     r"""Implicit–explicit (IMEX) Euler iteration of the controlled equilibrium: the
     dynamics `f` and its Jacobian-transpose products explicit, the loss implicit.
+    (This library's solver; the paper simulates the controller's ODE with explicit
+    Euler steps, `lcp.DiscreteTime`.)
 
     Strong control (small `alpha`) is stiff only through the loss: the output
     controller feeds `∇L/α` back into the state. [`lcp_solvers.DiscreteTime`][] treats

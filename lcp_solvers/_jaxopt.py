@@ -30,7 +30,9 @@ def custom_fixed_point(
     throw: bool = True,
 ) -> Callable[[Callable], Callable]:
     r"""Decorator that makes a fixed-point solver backpropagate with the least-control
-    principle. A drop-in replacement for `jaxopt.implicit_diff.custom_fixed_point`.
+    principle. A drop-in replacement for `jaxopt.implicit_diff.custom_fixed_point`
+    (Blondel et al., "Efficient and modular implicit differentiation", NeurIPS
+    2022), with the update of Meulemans et al. (NeurIPS 2022, Theorem 1).
 
     It decorates any function `solver(init_params, *args, **kwargs)` that returns the
     fixed point `params = fixed_point_fun(params, *args, **kwargs)` (or, with
@@ -121,7 +123,9 @@ def custom_root(
     throw: bool = True,
 ) -> Callable[[Callable], Callable]:
     r"""Decorator that makes a root solver backpropagate with the least-control
-    principle. A drop-in replacement for `jaxopt.implicit_diff.custom_root`.
+    principle. A drop-in replacement for `jaxopt.implicit_diff.custom_root`
+    (Blondel et al., "Efficient and modular implicit differentiation", NeurIPS
+    2022), with the update of Meulemans et al. (NeurIPS 2022, Theorem 1).
 
     It decorates any function `solver(init_params, *args, **kwargs)` that returns a
     root of `optimality_fun(params, *args, **kwargs) = 0` (or, with `has_aux=True`, a

@@ -10,7 +10,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 
 class EquilibriumNetwork(eqx.Module):
-    r"""An equilibrium network whose readout is part of the state.
+    r"""An equilibrium network whose readout is part of the state: the feedforward
+    and recurrent networks of Table 1 of Meulemans et al. (NeurIPS 2022).
 
     The state is `φ = (h, y)`: `h` the hidden units, `y` the output units, with
 

@@ -147,7 +147,8 @@ Variant = Literal["di", "kp", "lf", "ebd"]
 
 class LeastControl(AbstractUpdateRule):
     r"""Least-control updates through [`lcp_solvers.least_control_grad`][], one
-    controlled equilibrium per example (vmapped), warm-started at the free equilibrium.
+    controlled equilibrium per example (vmapped), warm-started at the free equilibrium:
+    the LCP rows of Table 1 of Meulemans et al. (NeurIPS 2022).
 
     The update of every parameter is `-(∂_θ f)ᵀψ*`: `ΔW = ψ_h σ(h)ᵀ`, `ΔU = ψ_h xᵀ`,
     `ΔR = ψ_y σ(h)ᵀ`, averaged over the batch (returned negated, as a gradient).
