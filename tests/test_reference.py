@@ -437,7 +437,7 @@ _QUICK_DROP_IN = {
 
 
 @pytest.mark.parametrize(
-    "problem_id, entry_id, strength", _drop_in_cells(STRENGTHS, _QUICK_DROP_IN)
+    "problem_id, entry_id, strength", list(_drop_in_cells(STRENGTHS, _QUICK_DROP_IN))
 )
 def test_least_control_adjoint(problem_id, entry_id, strength, record_property):
     """`LeastControlAdjoint(strength)` returns θ̄ = (∂θ f(y_c))ᵀ f(y_c) / β with y_c
