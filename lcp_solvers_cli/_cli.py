@@ -755,7 +755,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     The exit status (0 on success).
     """
-    args = _build_parser().parse_args(argv)
+    args, unknown = _build_parser().parse_known_args(argv)
+    if unknown:
+        # argparse reports these from the top-level parser; name the subcommand
+        # whose help lists what is accepted.
+        prog = _prog(args)
+        print(
+            f"{prog}: error: unrecognized arguments: {' '.join(unknown)}\n"
+            f"Run `{prog} --help`.",
+            file=sys.stderr,
+        )
+        return 2
     missing = _missing_extras()
     if missing:
         print(
@@ -768,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     problem = _check_paths(args)
     if problem:
-        print(f"lcp-solvers: error: {problem}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {problem}", file=sys.stderr)
         return 2
     try:
         if args.command == "demo":
@@ -780,6 +790,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         kept = f"; kept the {len(e.rows)} finished" if e.rows else ""
         print(f"\nlcp-solvers: interrupted{kept}", file=sys.stderr)
         return 130
+
+
+def _prog(args) -> str:
+    # The command as typed, e.g. "lcp-solvers reproduce table1", for messages.
+    words = (args.command, getattr(args, "experiment", None))
+    return " ".join(["lcp-solvers", *(w for w in words if w)])
 
 
 def _check_paths(args) -> str | None:

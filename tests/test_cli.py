@@ -97,6 +97,15 @@ def test_bad_output_paths_fail_before_any_work(option, path, message, capsys):
     assert _cli._check_paths(_cli._build_parser().parse_args(argv)) is None
 
 
+def test_unknown_option_names_the_subcommand(capsys):
+    assert main(["demo", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "lcp-solvers demo: error: unrecognized arguments: --bogus" in err
+    assert "Run `lcp-solvers demo --help`." in err
+    assert main(["reproduce", "meta", "--bogus", "1"]) == 2
+    assert "Run `lcp-solvers reproduce meta --help`." in capsys.readouterr().err
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
