@@ -134,6 +134,7 @@ def test_contraction_estimate_is_the_spectral_norm():
     assert stats.contraction is None
 
 
+@pytest.mark.slow
 def test_contraction_estimate_pytree_state():
     cell, xs = _data()
     w2 = 0.3 * jnp.eye(2)
@@ -154,6 +155,7 @@ def test_contraction_estimate_pytree_state():
     assert_tree_close(stats.contraction, jnp.linalg.norm(dense, ord=2), 1e-6)
 
 
+@pytest.mark.slow
 def test_jacobian_penalty_is_unbiased_for_the_frobenius_norm():
     cell, xs = _data()
     deq = lcp.DEQ(cell, jnp.zeros(H))
@@ -188,6 +190,7 @@ def test_jacobian_penalty_gradient_matches_dense_formula():
     )
 
 
+@pytest.mark.slow
 def test_jacobian_penalty_through_the_equilibrium_matches_implicit_adjoint():
     # Training-style use: the penalty at z* = deq(x) differentiated end to end; with
     # weak control the least-control gradient matches implicit differentiation.

@@ -567,6 +567,7 @@ def test_e_complex_state(entry, promotion):
     assert_tree_close(grad, reference, 1e-6)
 
 
+@pytest.mark.slow
 def test_e_complex_custom_fixed_point():
     theta = (jnp.array([0.1, -0.2, 0.3]), jnp.array([0.2j, 0.1, -0.1 + 0.1j]))
     inner = lambda init, th: (

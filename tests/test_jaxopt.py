@@ -217,6 +217,7 @@ def test_finite_strength_matches_leaky_objective(deco):
     assert tree_rel_error(got, ift) > 1e-3
 
 
+@pytest.mark.slow
 def test_closed_over_parameters_get_gradients():
     # jaxopt's own decorators raise for parameters closed over by `fixed_point_fun`;
     # ours hoist them and give them the least-control gradient.

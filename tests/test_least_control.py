@@ -152,6 +152,7 @@ def test_objective_batch_and_errors():
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
+@pytest.mark.slow
 def test_free_equilibrium_already_optimal(alpha):
     sol = optx.root_find(
         lambda p, _: _f(p, _theta0, _args0), optx.Newton(1e-12, 1e-12), jnp.zeros(N)
@@ -492,6 +493,7 @@ def test_error_structures():
         )
 
 
+@pytest.mark.slow
 def test_static_theta_leaves():
     theta = dict(_theta0, name="layer")
     grad, _ = lcp.least_control_grad(
