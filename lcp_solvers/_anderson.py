@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from ._misc import check_positive
+from ._misc import check_count, check_positive
 
 
 def _spd_solve(a: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Array, " m"]:
@@ -86,11 +86,7 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
 
     def __check_init__(self):
         check_positive(self.mixing, "AndersonAcceleration", "mixing")
-        if self.history_length < 1:
-            raise ValueError(
-                "`AndersonAcceleration(history_length=...)` must be at least 1, got "
-                f"{self.history_length}."
-            )
+        check_count(self.history_length, "AndersonAcceleration", "history_length")
 
     def init(
         self,

@@ -12,7 +12,7 @@ from jaxtyping import Array, PyTree
 
 from ._adjoint import LeastControlAdjoint
 from ._anderson import AndersonAcceleration
-from ._misc import check_max_steps, tree_rms, tree_sub
+from ._misc import check_count, check_max_steps, tree_rms, tree_sub
 from ._solution import RESULTS
 
 
@@ -156,15 +156,7 @@ class DEQ(eqx.Module):
         self.solver = solver
         self.adjoint = adjoint
         check_max_steps(max_steps, "DEQ", allow_none=True)
-        if (
-            isinstance(contraction_steps, bool)
-            or not isinstance(contraction_steps, int)
-            or contraction_steps < 0
-        ):
-            raise ValueError(
-                "`DEQ(contraction_steps=...)` must be a non-negative int (0: no "
-                f"contraction estimate), got {contraction_steps!r}."
-            )
+        check_count(contraction_steps, "DEQ", "contraction_steps", minimum=0)
         self.max_steps = max_steps
         self.throw = throw
         self.contraction_steps = contraction_steps
@@ -256,15 +248,7 @@ class DEQ(eqx.Module):
 
         `ValueError` if `num_samples` is not a positive int.
         """
-        if (
-            isinstance(num_samples, bool)
-            or not isinstance(num_samples, int)
-            or num_samples < 1
-        ):
-            raise ValueError(
-                "`DEQ.jacobian_penalty(num_samples=...)` must be a positive int, got "
-                f"{num_samples!r}."
-            )
+        check_count(num_samples, "DEQ.jacobian_penalty", "num_samples")
         _, vjp = jax.vjp(lambda z: self.cell(z, x), z)
         flat, unravel = jfu.ravel_pytree(z)
 

@@ -14,7 +14,7 @@ from jaxtyping import Array
 
 from ._anderson import AndersonAcceleration
 from ._controller import AbstractController, AbstractImexController
-from ._misc import check_positive
+from ._misc import check_count, check_positive
 from ._solution import RESULTS
 from ._system import ControlledSystem
 
@@ -282,10 +282,7 @@ class IMEX(AbstractInnerSolver):
             raise ValueError(
                 f"`IMEX(output_gain=...)` must be positive, got {self.output_gain}."
             )
-        if self.cg_steps < 1:
-            raise ValueError(
-                f"`IMEX(cg_steps=...)` must be at least 1, got {self.cg_steps}."
-            )
+        check_count(self.cg_steps, "IMEX", "cg_steps")
 
     def solve(self, problem, z0, *, rtol, atol, max_steps):
         controller, system = problem.controller, problem.system

@@ -87,14 +87,23 @@ def tree_float_dtype(tree: PyTree) -> jnp.dtype:
 # everywhere. Python numbers only: arrays are checked where they are used (under jit).
 
 
-def check_max_steps(max_steps, where: str, *, allow_none: bool = False):
-    if max_steps is None and allow_none:
+def check_count(
+    value, where: str, name: str, *, minimum: int = 1, none_means: str | None = None
+):
+    """An int argument (a number of steps, samples, ...) of at least `minimum`;
+    `None` is accepted when `none_means` says what it means."""
+    if value is None and none_means is not None:
         return
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        none = " or None (no limit)" if allow_none else ""
-        raise ValueError(
-            f"`{where}(max_steps=...)` must be a positive int{none}, got {max_steps!r}."
-        )
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int of at least {minimum}"
+        none = f" or None ({none_means})" if none_means is not None else ""
+        raise ValueError(f"`{where}({name}=...)` must be {kind}{none}, got {value!r}.")
+
+
+def check_max_steps(max_steps, where: str, *, allow_none: bool = False):
+    check_count(
+        max_steps, where, "max_steps", none_means="no limit" if allow_none else None
+    )
 
 
 def check_tolerances(rtol, atol, where: str):

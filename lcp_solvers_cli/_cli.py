@@ -122,6 +122,10 @@ def _add_training_args(
     p.add_argument(
         "--max-test", type=_positive_int, default=None, help="cap on test examples"
     )
+    _add_output_args(p)
+
+
+def _add_output_args(p: argparse.ArgumentParser):
     p.add_argument(
         "--json", metavar="FILE", default=None, help="write the results as JSON here"
     )
@@ -129,6 +133,22 @@ def _add_training_args(
         "--plot", metavar="FILE", default=None, help="write a PNG of the curves here"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_runs_args(p: argparse.ArgumentParser, methods: tuple[str, ...]):
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=3,
+        help="independent runs per method (seeds 0, 1, ...): mean ± std",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=methods,
+        default=list(methods),
+        help="which methods to run",
+    )
 
 
 def _version() -> str:
@@ -204,19 +224,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="directory with mnist.npz or the four MNIST IDX files (for mnist)",
     )
-    table1.add_argument(
-        "--seeds",
-        type=_positive_int,
-        default=3,
-        help="independent runs per method (seeds 0, 1, ...): mean ± std",
-    )
-    table1.add_argument(
-        "--methods",
-        nargs="+",
-        choices=_METHODS,
-        default=list(_METHODS),
-        help="which methods to run",
-    )
+    _add_runs_args(table1, _METHODS)
     table1.add_argument(
         "--architectures",
         nargs="+",
@@ -245,12 +253,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "post-adaptation test MSE."
         ),
     )
-    meta.add_argument(
-        "--seeds",
-        type=_positive_int,
-        default=3,
-        help="independent runs per method (seeds 0, 1, ...): mean ± std",
-    )
+    _add_runs_args(meta, _META_METHODS)
     meta.add_argument(
         "--meta-steps", type=_positive_int, default=2000, help="meta-training steps"
     )
@@ -286,22 +289,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=100,
         help="held-out tasks for the post-adaptation test MSE",
     )
-    meta.add_argument(
-        "--methods",
-        nargs="+",
-        choices=_META_METHODS,
-        default=list(_META_METHODS),
-        help="which methods to run",
-    )
-    meta.add_argument(
-        "--json", metavar="FILE", default=None, help="write the results as JSON here"
-    )
-    meta.add_argument(
-        "--plot", metavar="FILE", default=None, help="write a PNG of the curves here"
-    )
-    meta.add_argument(
-        "--no-progress", action="store_true", help="hide the progress bars"
-    )
+    _add_output_args(meta)
     return parser
 
 

@@ -393,20 +393,18 @@ def load_dataset(
         return load_digits(seed=seed, max_train=max_train, max_test=max_test)
     if name == "mnist1d":
         return load_mnist1d(max_train=max_train, max_test=max_test)
-    if name == "mnist":
+    from_disk = {
+        "mnist": (load_mnist, "the IDX files or `mnist.npz`"),
+        "cifar10": (load_cifar10, "the python batches (cifar-10-batches-py)"),
+    }
+    if name in from_disk:
+        loader, files = from_disk[name]
         if data_dir is None:
             raise ValueError(
-                "The `mnist` data set is read from disk: pass `data_dir` (`--data-dir` "
-                "on the command line) pointing at the IDX files or `mnist.npz`."
+                f"The `{name}` data set is read from disk: pass `data_dir` "
+                f"(`--data-dir` on the command line) pointing at {files}."
             )
-        return load_mnist(data_dir, max_train=max_train, max_test=max_test)
-    if name == "cifar10":
-        if data_dir is None:
-            raise ValueError(
-                "The `cifar10` data set is read from disk: pass `data_dir` pointing at "
-                "the python batches (the folder cifar-10-batches-py)."
-            )
-        return load_cifar10(data_dir, max_train=max_train, max_test=max_test)
+        return loader(data_dir, max_train=max_train, max_test=max_test)
     raise ValueError(
         f"Unknown data set {name!r}; choose one of 'digits', 'mnist1d', 'mnist', "
         "'cifar10'."
