@@ -84,9 +84,11 @@ class LeastControlAdjoint(optx.AbstractAdjoint):
     second-order forward mode (`jacfwd` of `jacfwd`) raises an error pointing to
     `optx.ImplicitAdjoint`.
 
-    **Batches.** Under `jax.vmap` each sample is normalised by its own cotangent; with a
-    fixed-point solver all samples' controlled equilibria are solved as one system,
-    and shared parameters get one batched VJP rather than per-sample gradients.
+    **Batches.** Under `jax.vmap` each sample's controlled equilibrium is solved on its
+    own (normalised by its own cotangent, with its own solver state), so a sample's
+    update does not depend on the rest of the batch, and a batch sharded over devices
+    needs no batch-sized communication; shared parameters get one batched VJP rather
+    than per-sample gradients.
     """
 
     strength: float | Array = 1e-3
@@ -207,7 +209,6 @@ def _cotangent(
     adjoint,
     fixed_point_form,
     forward_solver,
-    per_sample=False,
 ):
     rtol, atol = resolve_tolerances(adjoint.rtol, adjoint.atol, root, forward_solver)
     if adjoint.solver is not None:
@@ -234,7 +235,6 @@ def _cotangent(
         atol=atol,
         max_steps=adjoint.max_steps,
         throw=adjoint.throw,
-        per_sample=per_sample,
     )
 
 
@@ -448,33 +448,19 @@ def _tangent_transpose(cts, *dynamic, treedef, static, batching):
             root = jtu.tree_map(
                 lambda x: jnp.broadcast_to(x, (batching.size,) + x.shape), root
             )
-        if (
-            fixed_point_form
-            and adjoint.solver is None
-            or isinstance(adjoint.solver, optx.AbstractFixedPointSolver)
-        ):
-            # All samples' controlled equilibria are solved as one system (each with
-            # its own cotangent scale) rather than by a vectorised solver: a
-            # `vmap`ped loop carries and masks every sample's solver state at every
-            # step, which costs more than the solve itself on small problems.
-            y_c, weight = _cotangent(
-                lambda y, d: batched_dynamics(y, problem.residual, d, problem.nondiff),
-                root,
-                diff,
-                ct_root,
-                *options,
-                per_sample=True,
-            )
-        else:
-            # A root finder (e.g. Newton's dense Jacobian) must not see the batch as
-            # one system: its linear algebra would couple all samples. Vectorise it.
-            def equilibrium(root, residual, diff, nondiff, ct):
-                f = _rewrite_at(rewrite_fn, residual, nondiff)
-                return _cotangent(f, root, diff, ct, *options)
 
-            y_c, weight = eqx.filter_vmap(
-                equilibrium, in_axes=in_axes + (0,), axis_size=batching.size
-            )(root, problem.residual, diff, problem.nondiff, ct_root)
+        # Each sample's controlled equilibrium is solved on its own (its own units,
+        # mixing, stopping test), vectorised: a sample's result does not depend on
+        # the rest of the batch, so a batch sharded over devices needs no collective
+        # but the loop's stopping test. Only the VJP into shared parameters below is
+        # done once for the whole batch.
+        def equilibrium(root, residual, diff, nondiff, ct):
+            f = _rewrite_at(rewrite_fn, residual, nondiff)
+            return _cotangent(f, root, diff, ct, *options)
+
+        y_c, weight = eqx.filter_vmap(
+            equilibrium, in_axes=in_axes + (0,), axis_size=batching.size
+        )(root, problem.residual, diff, problem.nondiff, ct_root)
         _, vjp = jax.vjp(
             lambda d: batched_dynamics(y_c, problem.residual, d, problem.nondiff),
             diff,

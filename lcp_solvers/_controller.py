@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from ._misc import tree_error_if
 from ._system import ControlledSystem
 
 
@@ -438,8 +439,4 @@ def _check_gain(phi, gain, bad, message):
     # of every solve, where the check is part of the computation.
     if isinstance(gain, (int, float)):
         return phi
-    leaves, treedef = jtu.tree_flatten(phi)
-    if not leaves:
-        return phi
-    leaves[0] = eqx.error_if(leaves[0], jnp.any(bad), message)
-    return jtu.tree_unflatten(treedef, leaves)
+    return tree_error_if(phi, jnp.any(bad), 0, [message])

@@ -55,21 +55,17 @@ def least_control_cotangent(
     atol: float,
     max_steps: int,
     throw: bool,
-    per_sample: bool = False,
 ) -> tuple[PyTree[Array], PyTree[Array]]:
     """The leaky least-control system of the dynamics `f(y, theta)` at the
     equilibrium `root` with cotangent `grad_root`, at strength `β = strength /
     rms(ḡ)`.
-
-    With `per_sample=True` the leading axis of `root` and `grad_root` indexes
-    independent samples, each with its own cotangent scale (as under `vmap`).
 
     **Returns:** `(y_c, w)` such that the least-control cotangent of `theta` is
     `(∂θ f(y_c, θ))ᵀ w`, i.e. `w = -ψ/β`.
     """
     strength = check_strength(strength, "LeastControlAdjoint")
     diff_theta, static_theta = eqx.partition(theta, eqx.is_inexact_array)
-    g_scale = tree_rms(grad_root, per_sample=per_sample)
+    g_scale = tree_rms(grad_root)
     if throw:
         # Blame the forward solve for a non-finite state (the engine raises for it),
         # the loss for a non-finite cotangent at a finite state.
@@ -77,8 +73,8 @@ def least_control_cotangent(
         g_scale = RESULTS.nonfinite_cotangent.error_if(g_scale, bad_cotangent)
     no_signal = g_scale == 0
     safe_scale = jnp.where(no_signal, 1, g_scale)
-    # Each sample's cotangent normalised to unit rms: the controller's leak is then
-    # `1/strength` for every sample, and the scale comes back in `w`.
+    # The cotangent normalised to unit rms: the controller's leak is then
+    # `1/strength` whatever the loss's scale, and the scale comes back in `w`.
     g_hat = tree_scale(grad_root, 1 / safe_scale)
     dtype = tree_float_dtype(root)
     strength = jnp.asarray(strength, jnp.real(jnp.zeros((), dtype)).dtype)
@@ -103,15 +99,7 @@ def least_control_cotangent(
     )
     y_c, psi, _ = controller.unpack(system, state)
     weight = tree_scale(psi, -safe_scale / strength)
-    # A sample with a zero cotangent has a zero update wherever its state is.
-    weight = jtu.tree_map(
-        lambda w: jnp.where(_expand(no_signal, w), jnp.zeros_like(w), w), weight
-    )
-    y_c = jtu.tree_map(
-        lambda yc, r: jnp.where(_expand(no_signal, yc), r, yc), y_c, root
-    )
+    # A zero cotangent has a zero update wherever the state is.
+    weight = jtu.tree_map(lambda w: jnp.where(no_signal, jnp.zeros_like(w), w), weight)
+    y_c = jtu.tree_map(lambda yc, r: jnp.where(no_signal, r, yc), y_c, root)
     return y_c, weight
-
-
-def _expand(mask, x):
-    return jnp.reshape(mask, jnp.shape(mask) + (1,) * (jnp.ndim(x) - jnp.ndim(mask)))

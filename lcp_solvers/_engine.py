@@ -1,7 +1,6 @@
 """The one least-control engine: every entry point solves the controlled equilibrium
 of a controller acting on a `ControlledSystem` here (docs/architecture.md)."""
 
-import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ from jaxtyping import Array, PyTree
 
 from ._controller import AbstractController
 from ._inner_solver import AbstractInnerSolver, SteadyStateProblem
-from ._misc import tree_allfinite, tree_float_dtype, tree_rms
+from ._misc import tree_allfinite, tree_error_if, tree_float_dtype, tree_rms
 from ._solution import RESULTS
 from ._system import ControlledSystem
 
@@ -112,7 +111,7 @@ def _raise(result, value, *, solver: AbstractInnerSolver, what: str):
     )
     index = jnp.where(result == RESULTS.control_divergence, 0, 1 + result._value)
     messages = [diverged] + list(RESULTS._index_to_message)  # pyright: ignore
-    return eqx.branched_error_if(value, result != RESULTS.successful, index, messages)
+    return tree_error_if(value, result != RESULTS.successful, index, messages)
 
 
 def free_equilibrium(

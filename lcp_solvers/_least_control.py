@@ -16,6 +16,7 @@ from ._misc import (
     is_none,
     theta_vjp,
     tree_allfinite,
+    tree_error_if,
 )
 from ._solution import RESULTS
 from ._system import ControlledSystem, output_mask
@@ -114,7 +115,7 @@ def _check_finite(theta, phi0, args, name):
         f"defined there. Check `{key}` before the call."
         for key in inputs
     ]
-    return eqx.branched_error_if(phi0, jnp.any(bad), jnp.argmax(bad), messages)
+    return tree_error_if(phi0, jnp.any(bad), jnp.argmax(bad), messages)
 
 
 def _least_control_solve(
@@ -164,7 +165,7 @@ def _least_control_solve(
             0,
             jnp.where(result == RESULTS.control_divergence, 1, 2 + result._value),
         )
-        psi = eqx.branched_error_if(psi, result != RESULTS.successful, index, messages)
+        psi = tree_error_if(psi, result != RESULTS.successful, index, messages)
     leaves = jtu.tree_leaves(psi)
     control = 0.5 * sum(jnp.sum(jnp.square(jnp.abs(x))) for x in leaves)
     return LeastControlInfo(

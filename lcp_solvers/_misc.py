@@ -53,16 +53,29 @@ def theta_vjp(f_of_theta, theta: PyTree, cotangent: PyTree[Array]) -> PyTree:
 
 
 def tree_scale(tree: PyTree[Array], s) -> PyTree[Array]:
-    """Multiplies every leaf by `s`: a scalar, or one value per index of the leading
-    axis."""
+    """Multiplies every leaf by the scalar `s`."""
+    # Cast first: under strict dtype promotion a real factor may not meet a complex
+    # (or lower-precision) leaf.
+    return jtu.tree_map(lambda x: jnp.asarray(s).astype(x.dtype) * x, tree)
 
-    def scale(x):
-        factor = jnp.reshape(s, jnp.shape(s) + (1,) * (x.ndim - jnp.ndim(s)))
-        # Cast first: under strict dtype promotion a real factor may not meet a
-        # complex (or lower-precision) leaf.
-        return factor.astype(x.dtype) * x
 
-    return jtu.tree_map(scale, tree)
+def tree_error_if(tree: PyTree, pred, index, messages: list[str]) -> PyTree:
+    """`eqx.branched_error_if(tree, pred, index, messages)`, with the check carried by
+    a scalar that is added (as zero) to every inexact leaf of `tree`.
+
+    The check is a conditional whose error branch is a host callback, which XLA's
+    SPMD partitioner places on one device: a sharded `tree` passed through it would be
+    gathered onto that device at every call. A scalar costs nothing to move, and the
+    data dependency keeps the check from being optimised away."""
+    inexact = [x for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
+    if not inexact:
+        return eqx.branched_error_if(tree, pred, index, messages)
+    token = eqx.branched_error_if(
+        jnp.zeros((), inexact[0].dtype), pred, index, messages
+    )
+    return jtu.tree_map(
+        lambda x: x + token.astype(x.dtype) if eqx.is_inexact_array(x) else x, tree
+    )
 
 
 def tree_sub(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
