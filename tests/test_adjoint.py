@@ -145,8 +145,11 @@ def test_weak_control_vmap(name):
 
 @pytest.mark.slow
 def test_vmap_equals_per_sample_loop_at_finite_strength():
-    # Under vmap every sample is normalised by its own cotangent, so the batched
-    # gradient is the sum of the per-sample ones (computed one at a time here).
+    # Under vmap every sample's controlled equilibrium is solved on its own (own
+    # cotangent scale, own solver state), so the batched gradient is the sum of the
+    # per-sample ones (computed one at a time here) to rounding: a sample's update
+    # does not depend on the rest of the batch (the joint solve of all samples this
+    # replaced agreed to 9e-13 only).
     solver = fixed_point_solvers["anderson"]
     params, _ = _params(5)
     xs = jax.random.normal(jax.random.PRNGKey(6), (3, N))
@@ -159,7 +162,7 @@ def test_vmap_equals_per_sample_loop_at_finite_strength():
     )(params)
     looped = [grad(params, x, solver, adjoint) for x in xs]
     looped = jtu.tree_map(lambda *g: sum(g), *looped)
-    assert_tree_close(batched, looped, rtol=1e-8)
+    assert_tree_close(batched, looped, rtol=1e-13)
     implicit = jax.grad(
         lambda p: jnp.sum(
             jax.vmap(lambda x: _fixed_point_loss(p, x, solver, optx.ImplicitAdjoint()))(
@@ -189,7 +192,7 @@ def test_nested_vmap_equals_per_sample_loop():
     grad = eqx.filter_jit(jax.grad(_fixed_point_loss))
     looped = [grad(params, x, solver, adjoint) for x in xs.reshape(-1, N)]
     looped = jtu.tree_map(lambda *g: sum(g), *looped)
-    assert_tree_close(jax.grad(nested)(params), looped, rtol=1e-8)
+    assert_tree_close(jax.grad(nested)(params), looped, rtol=1e-13)
 
 
 @pytest.mark.parametrize("strength", [0.1, 1.0, 10.0])

@@ -32,6 +32,12 @@ from ._meta import (
     sample_sinusoid_tasks as sample_sinusoid_tasks,
     SinusoidTasks as SinusoidTasks,
 )
+from ._sharding import (
+    Collective as Collective,
+    find_collectives as find_collectives,
+    replicate as replicate,
+    shard_batch as shard_batch,
+)
 from ._train import (
     AbstractUpdateRule as AbstractUpdateRule,
     evaluate as evaluate,

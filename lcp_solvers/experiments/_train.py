@@ -13,11 +13,13 @@ import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
 import optimistix as optx
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 import lcp_solvers as lcp
 
 from ._eqnet import cross_entropy, EquilibriumNetwork
+from ._sharding import check_batch_size, replicate, shard_batch
 
 
 _IMPLICIT = optx.ImplicitAdjoint()
@@ -429,14 +431,33 @@ def _train_step(
 _predict = eqx.filter_jit(predict)
 
 
-def evaluate(model: EquilibriumNetwork, x, labels, batch_size: int = 512) -> float:
-    """Test accuracy (fraction correct) at the free equilibrium."""
+def evaluate(
+    model: EquilibriumNetwork,
+    x,
+    labels,
+    batch_size: int = 512,
+    mesh: Mesh | None = None,
+) -> float:
+    """Test accuracy (fraction correct) at the free equilibrium, `batch_size`
+    examples at a time; with a `mesh`, every chunk is split over its devices (the
+    last one padded) and `model` should be replicated on it (see
+    [`lcp_solvers.experiments.replicate`][])."""
+    x = np.asarray(x)
+    labels = np.asarray(labels)
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.size) * mesh.size
     correct = 0
-    pred = _predict
     for i in range(0, len(x), batch_size):
-        correct += int(
-            jnp.sum(pred(model, x[i : i + batch_size]) == labels[i : i + batch_size])
-        )
+        xb, yb = x[i : i + batch_size], labels[i : i + batch_size]
+        if mesh is None:
+            pred = np.asarray(_predict(model, xb))
+        else:
+            # Pad to a multiple of the device count with copies of the first row;
+            # their predictions are dropped.
+            pad = -len(xb) % mesh.size
+            padded = np.concatenate([xb, np.repeat(xb[:1], pad, axis=0)])
+            pred = np.asarray(_predict(model, shard_batch(padded, mesh)))[: len(xb)]
+        correct += int(np.sum(pred == yb))
     return correct / len(x)
 
 
@@ -452,6 +473,7 @@ def train_classifier(
     progress: Callable | None = None,
     max_recurrent_norm: float | None = None,
     lr_schedule: Literal["constant", "cosine"] = "constant",
+    mesh: Mesh | None = None,
 ) -> tuple[EquilibriumNetwork, dict[str, list[float]]]:
     """Train `model` with `rule` and Adam on `dataset`; evaluate after every epoch.
 
@@ -470,12 +492,23 @@ def train_classifier(
     - `lr_schedule`: `"constant"`, or `"cosine"` to anneal the step size along a
         cosine from `learning_rate` at the first update to a tenth of it at the
         end of the run (the paper's code's cosine option).
+    - `mesh`: a `jax.sharding.Mesh` to train data-parallel on: every batch split over
+        its devices ([`lcp_solvers.experiments.shard_batch`][]), the model, optimiser
+        and rule state replicated, one jitted step; evaluation is split the same way.
+        `None` runs on the default device. With several processes
+        (`jax.distributed.initialize`) every process makes the same call (same
+        dataset, same `key`). See docs/devices.md.
 
     **Returns:**
 
     `(model, history)` with per-epoch lists `test_accuracy`, `train_loss`, `H`,
     `steps`, `seconds` and `solve_success`.
+
+    **Raises:** `ValueError` if `batch_size` is not a multiple of `mesh.size`, or
+    for an unknown `lr_schedule`.
     """
+    if mesh is not None:
+        check_batch_size(mesh, batch_size, "train_classifier")
     n = len(dataset.x_train)
     num_batches = max(n // batch_size, 1)
     if lr_schedule == "constant":
@@ -487,13 +520,20 @@ def train_classifier(
             f"`lr_schedule` must be 'constant' or 'cosine', got {lr_schedule!r}."
         )
     dtype = model.W.dtype
-    x_train = jnp.asarray(dataset.x_train, dtype)
-    y_train = jnp.asarray(dataset.y_train)
-    x_test = jnp.asarray(dataset.x_test, dtype)
-    y_test = jnp.asarray(dataset.y_test)
+    x_train = np.asarray(dataset.x_train, dtype)
+    y_train = np.asarray(dataset.y_train)
+    x_test = np.asarray(dataset.x_test, dtype)
+    y_test = np.asarray(dataset.y_test)
     key, init_key = jax.random.split(key)
     rule_state = rule.init(model, init_key)
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
+    if mesh is None:
+        put_batch = jnp.asarray
+    else:
+        put_batch = functools.partial(shard_batch, mesh=mesh)
+        model, opt_state, rule_state, key = replicate(
+            (model, opt_state, rule_state, key), mesh
+        )
 
     history: dict[str, list[float]] = {
         k: [] for k in ("test_accuracy", "train_loss", "H", "steps", "seconds")
@@ -514,8 +554,8 @@ def train_classifier(
                 model,
                 opt_state,
                 rule_state,
-                x_train[idx],
-                y_train[idx],
+                put_batch(x_train[idx]),
+                put_batch(y_train[idx]),
                 sub,
                 rule,
                 optim,
@@ -528,5 +568,5 @@ def train_classifier(
         history["H"].append(sums["H"] / num_batches)
         history["steps"].append(sums["steps"] / num_batches)
         history["solve_success"].append(sums["ok"] / num_batches)
-        history["test_accuracy"].append(evaluate(model, x_test, y_test))
+        history["test_accuracy"].append(evaluate(model, x_test, y_test, mesh=mesh))
     return model, history
