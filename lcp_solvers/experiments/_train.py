@@ -450,7 +450,7 @@ def evaluate(
     for i in range(0, len(x), batch_size):
         xb, yb = x[i : i + batch_size], labels[i : i + batch_size]
         if mesh is None:
-            pred = np.asarray(_predict(model, xb))
+            pred = np.asarray(_predict(model, jnp.asarray(xb)))
         else:
             # Pad to a multiple of the device count with copies of the first row;
             # their predictions are dropped.
