@@ -7,6 +7,7 @@ when a command runs.
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import textwrap
@@ -114,6 +115,18 @@ def _add_training_args(
             "after every update, rescale the RNN's recurrent weights (and KP's "
             "feedback weights) to at most this spectral norm, for every method, so "
             "that the free dynamics contract; 'none' to switch off"
+        ),
+    )
+    p.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=1,
+        help=(
+            "train data-parallel on this many devices (each batch split over them, "
+            "the network replicated); --batch-size must be a multiple. On a CPU-only "
+            "machine the devices are simulated (XLA's host device count): the "
+            "results match one device, the time does not improve. See "
+            "docs/devices.md"
         ),
     )
     p.add_argument(
@@ -357,8 +370,47 @@ def _run_one(method, arch, dataset, args, seed):
         progress=_progress(args, f"{_METHOD_NAMES[method]} {arch} seed {seed}"),
         max_recurrent_norm=args.max_recurrent_norm,
         lr_schedule=args.lr_schedule,
+        mesh=_mesh(args.devices),
     )
     return history
+
+
+def _mesh(count: int):
+    """A one-axis mesh of the first `count` devices, or `None` for one device."""
+    if count == 1:
+        return None
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    devices = jax.devices()
+    if len(devices) < count:
+        hint = ""
+        if jax.default_backend() == "cpu":
+            hint = (
+                " (XLA_FLAGS in the environment sets the simulated CPU device count: "
+                "raise it or unset it)"
+            )
+        raise _UsageError(
+            f"--devices {count}: only {len(devices)} {jax.default_backend()} "
+            f"device(s) are visible{hint}"
+        )
+    return Mesh(np.array(devices[:count]), ("data",))
+
+
+def _simulate_cpu_devices(count: int) -> None:
+    # On a machine without accelerators XLA shows one CPU device unless told to
+    # split the host; the flag must be set before JAX starts and does not affect
+    # GPUs/TPUs, which are used when present.
+    if count > 1 and "jax" not in sys.modules:
+        flag = f"--xla_force_host_platform_device_count={count}"
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+class _UsageError(Exception):
+    """A problem with the command line found once JAX is up (exit status 2)."""
 
 
 def _summarise(histories):
@@ -764,16 +816,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    problem = _check_paths(args)
+    problem = _check_paths(args) or _check_devices(args)
     if problem:
         print(f"{_prog(args)}: error: {problem}", file=sys.stderr)
         return 2
+    _simulate_cpu_devices(getattr(args, "devices", 1))
     try:
         if args.command == "demo":
             return _demo(args)
         if args.experiment == "table1":
             return _table1(args)
         return _meta(args)
+    except _UsageError as e:
+        print(f"{_prog(args)}: error: {e}", file=sys.stderr)
+        return 2
     except _Interrupted as e:
         kept = f"; kept the {len(e.rows)} finished" if e.rows else ""
         print(f"\nlcp-solvers: interrupted{kept}", file=sys.stderr)
@@ -784,6 +840,16 @@ def _prog(args) -> str:
     # The command as typed, e.g. "lcp-solvers reproduce table1", for messages.
     words = (args.command, getattr(args, "experiment", None))
     return " ".join(["lcp-solvers", *(w for w in words if w)])
+
+
+def _check_devices(args) -> str | None:
+    devices = getattr(args, "devices", 1)
+    if devices > 1 and args.batch_size % devices:
+        return (
+            f"--batch-size {args.batch_size} does not split over --devices {devices}; "
+            f"use a multiple of {devices}"
+        )
+    return None
 
 
 def _check_paths(args) -> str | None:

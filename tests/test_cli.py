@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -62,6 +63,7 @@ def test_console_script_and_module_entry_points():
         (["reproduce", "meta", "--methods", "maml"], "invalid choice: 'maml'"),
         (["demo", "--lr-schedule", "step"], "invalid choice: 'step'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["demo", "--devices", "0"], "expected a positive integer, got 0"),
     ],
 )
 def test_bad_arguments(argv, message, capsys):
@@ -167,6 +169,52 @@ def test_demo(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_demo_on_two_simulated_devices_matches_one(tmp_path, capsys):
+    argv = ["demo", *_TINY, "--max-train", "64", "--plot", str(tmp_path / "d.png")]
+    assert main([*argv, "--json", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    # Two devices need a fresh process: JAX fixes its device count when it starts.
+    script = (
+        "import sys; from lcp_solvers_cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    two_json = tmp_path / "two.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            *argv,
+            "--devices",
+            "2",
+            "--json",
+            str(two_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads(two_json.read_text())
+    for method in ("BP/RBP", "LCP-DI"):
+        assert two[method]["test_accuracy"] == one[method]["test_accuracy"]
+        assert two[method]["mean_solve_steps"] == one[method]["mean_solve_steps"]
+    # float32 training; two devices only change the order of the batch sums.
+    h1, h2 = one["LCP-DI"]["final_H"], two["LCP-DI"]["final_H"]
+    assert abs(h2 - h1) <= 1e-5 * h1
+    # More devices than XLA was told to simulate: a clear error, exit 2.
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *argv, "--devices", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    assert proc.returncode == 2
+    assert "--devices 4: only 2 cpu device(s) are visible" in proc.stderr
+    assert "XLA_FLAGS" in proc.stderr
+
+
+@pytest.mark.slow
 def test_table1_on_mnist_files(tmp_path, capsys):
     write_tiny_mnist_idx(tmp_path)
     out_json = tmp_path / "t1.json"
@@ -238,6 +286,7 @@ def test_meta_warns_with_counts_of_unconverged_inner_solves(monkeypatch, capsys)
         (["reproduce", "table1", "--help"], 0),
         (["demo", "--epochs", "0"], 2),
         (["demo", "--json", "/nonexistent/dir/out.json"], 2),
+        (["demo", "--devices", "3"], 2),  # batch 64 does not split over 3
     ],
 )
 def test_answers_without_importing_jax(argv, status):
