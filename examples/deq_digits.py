@@ -4,12 +4,23 @@ principle (`lcp.LeastControlAdjoint`), and compare them side by side.
 
     python examples/deq_digits.py            # well under a minute on 2 CPU cores
     python examples/deq_digits.py --quick    # a few seconds: a smoke test
+    python examples/deq_digits.py --devices 4 --adjoints lcp   # over 4 devices
 
 The model: a DEQ layer `z* = tanh(W z* + U x + b)` (with `W` kept at Frobenius norm
 <= 0.95, so the equilibrium always exists) solved by `lcp.AndersonAcceleration`, and a
 linear readout of `z*`. Everything else (data, optax
 optimiser, seed, forward solver) is shared between the two runs; only the `adjoint=`
 of the `lcp.DEQ` changes.
+
+With `--devices N` every batch is split over N devices
+(`lcp_solvers.experiments.shard_batch`) and the model and optimiser state are
+replicated (`lcp_solvers.experiments.replicate`): the same jitted step, run
+data-parallel. On a machine without accelerators the N devices are simulated CPU
+devices (XLA's host device count, set below before JAX starts): the numbers match one
+device, the time does not improve. On this project's 2-core CPU machine the
+`ImplicitAdjoint` run stalls in XLA's CPU runtime on simulated devices in most tries
+(with the cell's parameters passed through optimistix's `args`, as `lcp.DEQ` does; not
+diagnosed), hence `--adjoints lcp` above. See docs/devices.md.
 
 "Backward steps" counts evaluations of the cell in the backward pass per batch (each
 is one vector-Jacobian product): the iterations of the least-control solve for
@@ -19,18 +30,38 @@ materialised Jacobian (one batched evaluation). They are counted with
 """
 
 import argparse
+import os
+import sys
 import time
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import optimistix as optx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-import lcp_solvers as lcp
+def _simulate_cpu_devices(argv):
+    # XLA fixes the number of host (CPU) devices when JAX starts, so `--devices` is
+    # read before the import. On a GPU/TPU machine the accelerators are used.
+    args = sys.argv[1:] if argv is None else argv
+    if "--devices" in args:
+        count = args[args.index("--devices") + 1]
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags and count.isdigit():
+            flag = f"--xla_force_host_platform_device_count={count}"
+            os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+if __name__ == "__main__":
+    _simulate_cpu_devices(None)
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import optimistix as optx  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+
+import lcp_solvers as lcp  # noqa: E402
+from lcp_solvers.experiments import replicate, shard_batch  # noqa: E402
 
 
 HIDDEN = 64
@@ -134,27 +165,35 @@ def count_evals(fn, *args):
     return _evals[0]
 
 
-def train(model, step, optim, data, epochs, batch_size, max_batches, seed):
+def train(model, step, optim, data, epochs, batch_size, max_batches, seed, mesh):
     x_train, y_train, x_test, y_test = data
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
+    if mesh is None:
+        put = jnp.asarray
+    else:
+        model, opt_state = replicate((model, opt_state), mesh)
+        put = lambda a: shard_batch(a, mesh)  # noqa: E731
     rng = np.random.default_rng(seed)
     epoch_times, fwd_steps = [], []
     for _ in range(epochs):
         start = time.perf_counter()
         for idx in batches(len(x_train), batch_size, rng)[:max_batches]:
             model, opt_state, _, num_steps = step(
-                model, opt_state, x_train[idx], y_train[idx]
+                model, opt_state, put(x_train[idx]), put(y_train[idx])
             )
             fwd_steps.append(np.asarray(num_steps).mean())
         jax.block_until_ready(model)
         epoch_times.append(time.perf_counter() - start)
     test_batches = batches(len(x_test), batch_size)
-    correct = sum(int(num_correct(model, x_test[i], y_test[i])) for i in test_batches)
+    correct = sum(
+        int(num_correct(model, put(x_test[i]), put(y_test[i]))) for i in test_batches
+    )
     # Same shapes and pytree structure as in training: no new compilation.
     counting = eqx.tree_at(lambda m: m.deq.cell.count, model, jnp.array(True))
     idx = test_batches[0]
-    fwd_evals = count_evals(num_correct, counting, x_test[idx], y_test[idx])
-    all_evals = count_evals(step, counting, opt_state, x_test[idx], y_test[idx])
+    xb, yb = put(x_test[idx]), put(y_test[idx])
+    fwd_evals = count_evals(num_correct, counting, xb, yb)
+    all_evals = count_evals(step, counting, opt_state, xb, yb)
     return dict(
         acc=correct / (len(test_batches) * batch_size),
         epoch_times=epoch_times,
@@ -163,7 +202,9 @@ def train(model, step, optim, data, epochs, batch_size, max_batches, seed):
     )
 
 
-def run(adjoint, data, epochs, seeds, max_batches=None, batch_size=64, lr=1e-3):
+def run(
+    adjoint, data, epochs, seeds, max_batches=None, batch_size=64, lr=1e-3, mesh=None
+):
     optim = optax.adam(lr)
     # One step function for all seeds: it compiles once.
     step = make_step(optim)
@@ -171,7 +212,7 @@ def run(adjoint, data, epochs, seeds, max_batches=None, batch_size=64, lr=1e-3):
     for seed in range(seeds):
         model = Model(adjoint, jax.random.PRNGKey(seed))
         runs.append(
-            train(model, step, optim, data, epochs, batch_size, max_batches, seed)
+            train(model, step, optim, data, epochs, batch_size, max_batches, seed, mesh)
         )
     # The very first epoch includes compilation; report it separately.
     first = runs[0]["epoch_times"][0]
@@ -195,7 +236,28 @@ def main(argv=None):
     parser.add_argument(
         "--strength", type=float, default=lcp.LeastControlAdjoint().strength
     )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="split every batch of 64 over this many devices (a divisor of 64)",
+    )
+    parser.add_argument(
+        "--adjoints",
+        nargs="+",
+        choices=("implicit", "lcp"),
+        default=["implicit", "lcp"],
+        help="which adjoints to train with",
+    )
     args = parser.parse_args(argv)
+    mesh = None
+    if args.devices > 1:
+        if 64 % args.devices or len(jax.devices()) < args.devices:
+            parser.error(
+                f"--devices {args.devices}: needs a divisor of the batch size 64 "
+                f"and that many devices ({len(jax.devices())} visible)"
+            )
+        mesh = Mesh(np.array(jax.devices()[: args.devices]), ("data",))
     epochs, seeds, max_batches = args.epochs, args.seeds, None
     if args.quick:
         epochs, seeds, max_batches = 2, 1, 3
@@ -207,20 +269,20 @@ def main(argv=None):
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=448, random_state=0, stratify=y
     )
-    data = tuple(jnp.asarray(a) for a in (x_train, y_train, x_test, y_test))
+    data = (x_train, y_train, x_test, y_test)
     if args.quick:
         data = tuple(a[:256] for a in data[:2]) + tuple(a[:64] for a in data[2:])
     print(
         f"digits: {len(data[0])} train / {len(data[2])} test, DEQ hidden size "
         f"{HIDDEN}, batch 64, Adam 1e-3, {epochs} epochs, {seeds} seed(s), float32, "
-        f"{jax.device_count()} {jax.default_backend()} device(s)"
+        f"{args.devices} {jax.default_backend()} device(s)"
     )
-    adjoints = {
-        "ImplicitAdjoint()": optx.ImplicitAdjoint(),
-        f"LeastControlAdjoint({args.strength:g})": lcp.LeastControlAdjoint(
-            strength=args.strength
-        ),
-    }
+    adjoints = {}
+    if "implicit" in args.adjoints:
+        adjoints["ImplicitAdjoint()"] = optx.ImplicitAdjoint()
+    if "lcp" in args.adjoints:
+        name = f"LeastControlAdjoint({args.strength:g})"
+        adjoints[name] = lcp.LeastControlAdjoint(strength=args.strength)
     header = (
         f"{'adjoint':<26} {'test acc (%)':>13} {'s/epoch':>8} {'1st epoch':>9} "
         f"{'fwd steps':>9} {'bwd evals':>9}"
@@ -228,7 +290,7 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     for name, adjoint in adjoints.items():
-        r = run(adjoint, data, epochs, seeds, max_batches)
+        r = run(adjoint, data, epochs, seeds, max_batches, mesh=mesh)
         acc = f"{r['acc']:.2f} ± {r['acc_std']:.2f}"
         print(
             f"{name:<26} {acc:>13} {r['epoch']:>8.3f} {r['first']:>9.2f} "
