@@ -19,8 +19,7 @@ data-parallel. On a machine without accelerators the N devices are simulated CPU
 devices (XLA's host device count, set below before JAX starts): the numbers match one
 device, the time does not improve. On this project's 2-core CPU machine the
 `ImplicitAdjoint` run stalls in XLA's CPU runtime on simulated devices in most tries
-(with the cell's parameters passed through optimistix's `args`, as `lcp.DEQ` does; not
-diagnosed), hence `--adjoints lcp` above. See docs/devices.md.
+(not diagnosed), hence `--adjoints lcp` above. See docs/devices.md.
 
 "Backward steps" counts evaluations of the cell in the backward pass per batch (each
 is one vector-Jacobian product): the iterations of the least-control solve for

@@ -1,6 +1,7 @@
 """The README's quick example and the how-to guides run as printed, and print what
 they show."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -105,3 +106,31 @@ def test_troubleshooting_page_prints_what_it_shows():
     # between JAX versions).
     for g, e, line in zip(numbers, expected, got):
         np.testing.assert_allclose(g, e, rtol=0.35, err_msg=line)
+
+
+@pytest.mark.slow
+def test_devices_page_recipe_prints_what_it_shows():
+    # docs/devices.md's recipe, as printed, in a fresh process (it simulates 4 CPU
+    # devices before JAX starts; XLA_FLAGS of the test session is left out).
+    text = (_README.parent / "docs" / "devices.md").read_text()
+    code = _blocks(text, "python")[0]
+    (shown,) = _blocks(text, "text")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    got, shown = out.stdout.splitlines(), shown.splitlines()
+    assert [re.sub(_NUMBER, "#", line) for line in got] == [
+        re.sub(_NUMBER, "#", line) for line in shown
+    ]
+    losses = [float(line.split()[-1]) for line in got[:3]]
+    expected = [float(line.split()[-1]) for line in shown[:3]]
+    np.testing.assert_allclose(losses, expected, rtol=1e-4)
+    # The sharded steps equal the one-device steps to float32 rounding.
+    assert float(got[4].split()[-1]) <= 1e-6, got[4]
+    assert got[3] == shown[3] and got[5:] == shown[5:]
