@@ -17,9 +17,9 @@ With `--devices N` every batch is split over N devices
 replicated (`lcp_solvers.experiments.replicate`): the same jitted step, run
 data-parallel. On a machine without accelerators the N devices are simulated CPU
 devices (XLA's host device count, set below before JAX starts): the numbers match one
-device, the time does not improve. On this project's 2-core CPU machine the
-`ImplicitAdjoint` run stalls in XLA's CPU runtime on simulated devices in most tries
-(not diagnosed), hence `--adjoints lcp` above. See docs/devices.md.
+device (to float32 rounding), the time does not improve. On this project's 2-core CPU
+machine the `ImplicitAdjoint` run stalls in XLA's CPU runtime on simulated devices in
+most tries (not diagnosed), hence `--adjoints lcp` above. See docs/devices.md.
 
 "Backward steps" counts evaluations of the cell in the backward pass per batch (each
 is one vector-Jacobian product): the iterations of the least-control solve for
@@ -38,10 +38,15 @@ def _simulate_cpu_devices(argv):
     # XLA fixes the number of host (CPU) devices when JAX starts, so `--devices` is
     # read before the import. On a GPU/TPU machine the accelerators are used.
     args = sys.argv[1:] if argv is None else argv
-    if "--devices" in args:
-        count = args[args.index("--devices") + 1]
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags and count.isdigit():
+    count = None
+    for i, arg in enumerate(args):
+        if arg == "--devices" and i + 1 < len(args):
+            count = args[i + 1]
+        elif arg.startswith("--devices="):
+            count = arg.split("=", 1)[1]
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count and count.isdigit() and int(count) > 1:
+        if "xla_force_host_platform_device_count" not in flags:
             flag = f"--xla_force_host_platform_device_count={count}"
             os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
 
@@ -250,6 +255,8 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     mesh = None
+    if args.devices < 1:
+        parser.error(f"--devices {args.devices}: needs at least one device")
     if args.devices > 1:
         if 64 % args.devices or len(jax.devices()) < args.devices:
             parser.error(

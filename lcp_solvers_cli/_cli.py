@@ -125,8 +125,9 @@ def _add_training_args(
             "train data-parallel on this many devices (each batch split over them, "
             "the network replicated); --batch-size must be a multiple. On a CPU-only "
             "machine the devices are simulated (XLA's host device count): the "
-            "results match one device, the time does not improve. See "
-            "docs/devices.md"
+            "results match one device up to float32 rounding (which can tip a "
+            "solve near its step limit, e.g. in LCP-LF), the time does not "
+            "improve. See docs/devices.md"
         ),
     )
     p.add_argument(
@@ -354,6 +355,13 @@ def _run_one(method, arch, dataset, args, seed):
         train_classifier,
     )
 
+    n, devices = len(dataset.x_train), args.devices
+    if n < args.batch_size and n % devices:
+        raise _UsageError(
+            f"--devices {devices}: the {n} training examples (fewer than "
+            f"--batch-size {args.batch_size}) form one batch that does not split "
+            f"over {devices} devices; use --max-train with a multiple of {devices}"
+        )
     model, key_train = _initial_model(dataset, arch, args.hidden, seed, method == "kp")
     if method == "rbp":
         rule = RecurrentBackprop()

@@ -254,6 +254,29 @@ def main():
         )
     except ValueError as e:
         errors["train_classifier"] = str(e)
+    try:
+        # 12 training examples: one batch of 12, which does not split over 8.
+        model, _, _ = model_args(B)
+        ex.train_classifier(
+            model,
+            ex.RecurrentBackprop(),
+            ex.load_digits(max_train=12, max_test=8),
+            epochs=1,
+            batch_size=B,
+            key=jax.random.key(0),
+            mesh=mesh,
+        )
+    except ValueError as e:
+        errors["train_classifier_small_set"] = str(e)
+    keys = jax.random.split(jax.random.key(0), 16)
+    sharded_keys = ex.shard_batch(keys, mesh)
+    errors["keys_split_over"] = len(sharded_keys.sharding.device_set)
+    errors["keys_equal"] = bool(
+        np.array_equal(
+            np.asarray(jax.random.key_data(sharded_keys)),
+            np.asarray(jax.random.key_data(keys)),
+        )
+    )
     print(json.dumps({"check": "errors", **errors}), flush=True)
 
     # The whole training loop: one epoch on the mesh against one device.

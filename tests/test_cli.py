@@ -325,3 +325,12 @@ def test_missing_examples_extra_is_a_clear_message(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "missing: optax, mnist1d" in err
     assert "pip install 'lcp-solvers[examples]'" in err
+
+
+def test_devices_with_a_training_set_smaller_than_one_batch(capsys):
+    # 30 examples form one batch of 30, which does not split over 4 devices: a
+    # one-line error before any training, not a traceback.
+    argv = ["demo", *_TINY, "--max-train", "30", "--devices", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the 30 training examples" in err and "multiple of 4" in err, err

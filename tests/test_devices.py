@@ -92,5 +92,8 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(records):
     record = records["errors"]
     assert "shape (12, 3)" in record["shard_batch"]
     assert "multiple of 8" in record["shard_batch"]
-    assert "`batch_size=12`" in record["train_classifier"]
-    assert "multiple of 8" in record["train_classifier"]
+    for case in ("train_classifier", "train_classifier_small_set"):
+        assert "a batch of 12 examples" in record[case]
+        assert "multiple of 8" in record[case]
+    # Typed PRNG keys (one per sample) are split like any other leaf.
+    assert record["keys_split_over"] == 8 and record["keys_equal"]

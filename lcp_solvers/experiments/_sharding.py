@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import ArrayLike, PyTree
@@ -17,8 +18,9 @@ def check_batch_size(mesh: Mesh, batch_size: int, where: str) -> None:
     """Raises `ValueError` unless `batch_size` splits evenly over `mesh`."""
     if batch_size % mesh.size:
         raise ValueError(
-            f"`{where}`: `batch_size={batch_size}` does not split evenly over the "
-            f"{mesh.size} devices of `mesh`. Use a multiple of {mesh.size}."
+            f"`{where}`: a batch of {batch_size} examples does not split evenly "
+            f"over the {mesh.size} devices of `mesh`. Use a `batch_size` (and a "
+            f"training set of at least one batch) that is a multiple of {mesh.size}."
         )
 
 
@@ -35,6 +37,10 @@ def shard_batch(batch: PyTree[ArrayLike], mesh: Mesh) -> PyTree[jax.Array]:
     sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
     def put(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            # Typed keys (`jax.random.key`) have no NumPy form: move their data.
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         x = np.asarray(x)
         if x.ndim == 0 or x.shape[0] % mesh.size:
             raise ValueError(

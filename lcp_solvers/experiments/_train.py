@@ -444,6 +444,8 @@ def evaluate(
     [`lcp_solvers.experiments.replicate`][])."""
     x = np.asarray(x)
     labels = np.asarray(labels)
+    if len(x) == 0:
+        raise ValueError("`evaluate`: the test set `x` is empty.")
     if mesh is not None:
         batch_size = -(-batch_size // mesh.size) * mesh.size
     correct = 0
@@ -504,12 +506,14 @@ def train_classifier(
     `(model, history)` with per-epoch lists `test_accuracy`, `train_loss`, `H`,
     `steps`, `seconds` and `solve_success`.
 
-    **Raises:** `ValueError` if `batch_size` is not a multiple of `mesh.size`, or
-    for an unknown `lr_schedule`.
+    **Raises:** `ValueError` if `batch_size` (or, for a training set smaller than
+    one batch, its size) is not a multiple of `mesh.size`, or for an unknown
+    `lr_schedule`.
     """
-    if mesh is not None:
-        check_batch_size(mesh, batch_size, "train_classifier")
     n = len(dataset.x_train)
+    if mesh is not None:
+        # A training set smaller than one batch is trained on as one batch of `n`.
+        check_batch_size(mesh, min(batch_size, n), "train_classifier")
     num_batches = max(n // batch_size, 1)
     if lr_schedule == "constant":
         optim = _adam(learning_rate)
