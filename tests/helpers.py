@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import pytest
 import scipy.optimize
 
 
@@ -636,3 +637,19 @@ SOLVERS = {
         SolverCase("continuous", lambda: _lcp().ContinuousTime(), 1e-9, 8192),
     ]
 }
+
+
+def _jax_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in jax.__version__.split(".")[:2])
+
+
+# Data parallelism needs a JAX whose custom JVPs accept sharded batches: at the floor
+# (jax 0.6.1) every optimistix adjoint under a sharded `jit` (`optx.ImplicitAdjoint`
+# exactly as `LeastControlAdjoint`) fails at trace time with "Custom JVP rule must
+# produce primal and tangent outputs with corresponding shapes and dtypes". Verified
+# working on 0.10.2; versions in between were not tried (docs/devices.md).
+requires_sharding_jax = pytest.mark.skipif(
+    _jax_version() < (0, 10),
+    reason="data parallelism needs jax >= 0.10 (fails in jax 0.6.1 for every "
+    "optimistix adjoint; docs/devices.md)",
+)

@@ -8,6 +8,7 @@ import pytest
 from lcp_solvers.experiments._meta import META_METHOD_NAMES
 from lcp_solvers_cli import _cli, main
 
+from .helpers import requires_sharding_jax
 from .test_data import write_tiny_mnist_idx
 
 
@@ -169,6 +170,7 @@ def test_demo(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@requires_sharding_jax
 def test_demo_on_two_simulated_devices_matches_one(tmp_path, capsys):
     argv = ["demo", *_TINY, "--max-train", "64", "--plot", str(tmp_path / "d.png")]
     assert main([*argv, "--json", str(tmp_path / "one.json")]) == 0

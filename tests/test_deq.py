@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optimistix as optx
 import pytest
-from helpers import assert_tree_close, contraction_weights
+from helpers import assert_tree_close, contraction_weights, requires_sharding_jax
 
 import lcp_solvers as lcp
 
@@ -254,6 +254,7 @@ def test_example_quick_runs():
 
 
 @pytest.mark.slow
+@requires_sharding_jax
 def test_example_on_two_simulated_devices_matches_one():
     # `--devices 2` splits every batch over two (simulated CPU) devices: the same
     # accuracy, forward steps and backward evaluations as on one device.

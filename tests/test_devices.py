@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import requires_sharding_jax
 
-pytestmark = pytest.mark.slow
+
+pytestmark = [pytest.mark.slow, requires_sharding_jax]
 
 # float64 throughout: a sharded step differs from the one-device step only by the
 # order of its reductions (measured: at most 5e-16 relative).

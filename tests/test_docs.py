@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from .helpers import requires_sharding_jax
+
 
 _README = pathlib.Path(__file__).parent.parent / "README.md"
 
@@ -109,6 +111,7 @@ def test_troubleshooting_page_prints_what_it_shows():
 
 
 @pytest.mark.slow
+@requires_sharding_jax
 def test_devices_page_recipe_prints_what_it_shows():
     # docs/devices.md's recipe, as printed, in a fresh process (it simulates 4 CPU
     # devices before JAX starts; XLA_FLAGS of the test session is left out).

@@ -540,3 +540,37 @@ def test_bad_model_arguments():
         EquilibriumNetwork(2, 2, (3, 3), "rnn", key=jax.random.key(0))
     with pytest.raises(ValueError, match="variant"):
         LeastControl(variant="bp")  # pyright: ignore
+
+
+@pytest.mark.slow
+def test_train_classifier_on_a_one_device_mesh():
+    # Below jax 0.10 a mesh is refused with the reason (docs/devices.md); from 0.10 a
+    # one-device mesh trains as without one.
+    from jax.sharding import Mesh
+
+    from lcp_solvers import experiments as ex
+
+    dataset = ex.load_digits(max_train=32, max_test=16)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+
+    def run(mesh):
+        model = ex.EquilibriumNetwork(
+            64, 10, (8,), "rnn", key=jax.random.key(0), dtype=jnp.float64
+        )
+        return ex.train_classifier(
+            model,
+            ex.LeastControl(variant="di", alpha=10.0),
+            dataset,
+            epochs=1,
+            batch_size=16,
+            key=jax.random.key(1),
+            mesh=mesh,
+        )
+
+    if tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 10):
+        with pytest.raises(RuntimeError, match="needs jax >= 0.10"):
+            run(mesh)
+        return
+    (m1, h1), (m2, h2) = run(mesh), run(None)
+    assert h1["test_accuracy"] == h2["test_accuracy"]
+    assert float(jnp.max(jnp.abs(m1.W - m2.W))) <= 1e-12

@@ -14,6 +14,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import ArrayLike, PyTree
 
 
+def check_jax_version(where: str) -> None:
+    """Raises `RuntimeError` below jax 0.10, where a sharded `jit` through any
+    optimistix adjoint fails at trace time (docs/devices.md)."""
+    version = tuple(int(p) for p in jax.__version__.split(".")[:2])
+    if version < (0, 10):
+        raise RuntimeError(
+            f"`{where}`: data parallelism needs jax >= 0.10 (found {jax.__version__}): "
+            "older versions reject sharded batches through optimistix's adjoints. "
+            "Upgrade jax, or pass `mesh=None`."
+        )
+
+
 def check_batch_size(mesh: Mesh, batch_size: int, where: str) -> None:
     """Raises `ValueError` unless `batch_size` splits evenly over `mesh`."""
     if batch_size % mesh.size:

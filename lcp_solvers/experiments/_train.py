@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 import lcp_solvers as lcp
 
 from ._eqnet import cross_entropy, EquilibriumNetwork
-from ._sharding import check_batch_size, replicate, shard_batch
+from ._sharding import check_batch_size, check_jax_version, replicate, shard_batch
 
 
 _IMPLICIT = optx.ImplicitAdjoint()
@@ -506,12 +506,14 @@ def train_classifier(
     `(model, history)` with per-epoch lists `test_accuracy`, `train_loss`, `H`,
     `steps`, `seconds` and `solve_success`.
 
-    **Raises:** `ValueError` if `batch_size` (or, for a training set smaller than
+    **Raises:** `RuntimeError` for a `mesh` below jax 0.10; `ValueError` if
+    `batch_size` (or, for a training set smaller than
     one batch, its size) is not a multiple of `mesh.size`, or for an unknown
     `lr_schedule`.
     """
     n = len(dataset.x_train)
     if mesh is not None:
+        check_jax_version("train_classifier")
         # A training set smaller than one batch is trained on as one batch of `n`.
         check_batch_size(mesh, min(batch_size, n), "train_classifier")
     num_batches = max(n // batch_size, 1)
