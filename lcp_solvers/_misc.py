@@ -12,34 +12,21 @@ def tree_allfinite(tree: PyTree[Array]) -> Array:
     return jnp.array(True) if not leaves else jnp.stack(leaves).all()
 
 
-def tree_rms(tree: PyTree[Array], per_sample: bool = False) -> Array:
-    """The root-mean-square of a pytree's entries (real, in the leaves' real dtype);
-    with `per_sample=True`, one value per index of every leaf's leading axis.
+def tree_rms(tree: PyTree[Array]) -> Array:
+    """The root-mean-square of a pytree's entries (real, in the leaves' real dtype).
 
     Computed as `m·rms(x/m)` with `m = max|x|`, so that it neither overflows (a
     float32 cotangent of order 1e20 squares past the largest float32) nor
     underflows."""
-    leaves = [jnp.abs(x) for x in jtu.tree_leaves(tree)]
+    leaves = [jnp.abs(x).reshape(-1) for x in jtu.tree_leaves(tree)]
     if not leaves:
         return jnp.array(0.0)
-    if per_sample:
-        leaves = [x.reshape(x.shape[0], -1) for x in leaves]
-        size = sum(x.shape[1] for x in leaves)
-        axis = 1
-    else:
-        leaves = [x.reshape(-1) for x in leaves]
-        size = sum(x.size for x in leaves)
-        axis = 0
+    size = sum(x.size for x in leaves)
     dtype = jnp.result_type(*leaves)
     leaves = [x.astype(dtype) for x in leaves]
-    m = jnp.max(jnp.stack([jnp.max(x, axis=axis) for x in leaves]), axis=0)
+    m = jnp.max(jnp.stack([jnp.max(x) for x in leaves]))
     safe_m = jnp.where(m > 0, m, 1)
-    sq = sum(
-        jnp.sum(
-            jnp.square(x / safe_m[..., None] if per_sample else x / safe_m), axis=axis
-        )
-        for x in leaves
-    )
+    sq = sum(jnp.sum(jnp.square(x / safe_m)) for x in leaves)
     return jnp.where(m > 0, safe_m * jnp.sqrt(sq / size), m)
 
 
