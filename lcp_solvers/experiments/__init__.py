@@ -1,7 +1,7 @@
-"""The paper's experiments as reusable pieces: offline data, the equilibrium network,
-its update rules (recurrent backprop and the least-control variants), and the
-few-shot meta-learning task with complex synapses. The `lcp-solvers` command
-(`lcp_solvers_cli`) runs them.
+"""The paper's experiments as reusable pieces: offline data, the equilibrium network
+and the convolutional networks, their update rules (recurrent backprop and the
+least-control variants), and the few-shot meta-learning task with complex
+synapses. The `lcp-solvers` command (`lcp_solvers_cli`) runs them.
 
 They sit on top of the library and use only its public names (`import lcp_solvers as
 lcp`); the library itself never imports this subpackage.
@@ -10,6 +10,11 @@ Needs the `examples` extra (`optax`, `scikit-learn`, `mnist1d`) for training and
 importing `lcp_solvers` itself never imports them.
 """
 
+from ._convnets import (
+    ConvDEQ as ConvDEQ,
+    ConvDEQCell as ConvDEQCell,
+    ConvFeedforward as ConvFeedforward,
+)
 from ._data import (
     Dataset as Dataset,
     load_cifar10 as load_cifar10,
@@ -32,6 +37,7 @@ from ._meta import (
     sample_sinusoid_tasks as sample_sinusoid_tasks,
     SinusoidTasks as SinusoidTasks,
 )
+from ._model import AbstractEquilibriumModel as AbstractEquilibriumModel
 from ._sharding import (
     Collective as Collective,
     find_collectives as find_collectives,
@@ -43,6 +49,7 @@ from ._train import (
     evaluate as evaluate,
     free_equilibrium as free_equilibrium,
     LeastControl as LeastControl,
+    LeastControlDropIn as LeastControlDropIn,
     predict as predict,
     RecurrentBackprop as RecurrentBackprop,
     train_classifier as train_classifier,

@@ -6,10 +6,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+import lcp_solvers as lcp
 
-class EquilibriumNetwork(eqx.Module):
+from ._model import AbstractEquilibriumModel
+
+
+class EquilibriumNetwork(AbstractEquilibriumModel):
     r"""An equilibrium network whose readout is part of the state: the feedforward
     and recurrent networks of Table 1 of Meulemans et al. (NeurIPS 2022).
 
@@ -180,6 +185,42 @@ class EquilibriumNetwork(eqx.Module):
     def readout(self, h: Float[Array, " n"]) -> Float[Array, " c"]:
         _, _, r = self._masked()
         return r @ jnp.tanh(h) + self.c
+
+    def output(self, phi):
+        return phi[1]
+
+    def free_equilibrium(self, x, *, rtol, atol, max_steps, adjoint):
+        # The hidden fixed point `h = Wσ(h) + Ux + b` of the whole batch at once (one
+        # Anderson solve), then `y* = Rσ(h*) + c`.
+        h0 = jnp.zeros((x.shape[0], self.num_hidden), x.dtype)
+        sol = optx.fixed_point(
+            lambda h, args: jax.vmap(args[0].fixed_point_map)(h, args[1]),
+            lcp.AndersonAcceleration(rtol=rtol, atol=atol),
+            h0,
+            args=(self, x),
+            max_steps=max_steps,
+            adjoint=adjoint,
+            throw=False,
+        )
+        h = sol.value
+        return (h, jax.vmap(self.readout)(h)), sol.stats["num_steps"]
+
+    def limit_recurrent_norm(self, max_norm):
+        # With |tanh'| <= 1, recurrent weights in the spectral-norm ball below 1 make
+        # the free dynamics contract: a unique, stable equilibrium for every method.
+        # The Kolen-Pollack feedback weights S_W drive the feedback dynamics the same
+        # way. A feedforward stack has no recurrence to limit.
+        if self.architecture != "rnn":
+            return self
+
+        def limit(w):
+            norm = jnp.linalg.norm(w, ord=2)
+            return w * jnp.minimum(1.0, max_norm / norm).astype(w.dtype)
+
+        model = eqx.tree_at(lambda m: m.W, self, limit(self.W))
+        if model.S_W is not None:
+            model = eqx.tree_at(lambda m: m.S_W, model, limit(model.S_W))
+        return model
 
 
 def cross_entropy(logits: Float[Array, " c"], label: Int[Array, ""]):

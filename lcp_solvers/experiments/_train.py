@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 import lcp_solvers as lcp
 
 from ._eqnet import cross_entropy, EquilibriumNetwork
+from ._model import AbstractEquilibriumModel
 from ._sharding import check_batch_size, check_jax_version, replicate, shard_batch
 
 
@@ -26,39 +27,35 @@ _IMPLICIT = optx.ImplicitAdjoint()
 
 
 def free_equilibrium(
-    model: EquilibriumNetwork,
-    x: Float[Array, "batch d"],
+    model: AbstractEquilibriumModel,
+    x: Float[Array, "batch ..."],
     *,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 256,
     adjoint: optx.AbstractAdjoint = _IMPLICIT,
-) -> tuple[tuple[Float[Array, "batch n"], Float[Array, "batch c"]], Array]:
-    """The free equilibrium `φ* = (h*, y*)` of a batch, and the solver's step count.
+) -> tuple[PyTree[Array], Array]:
+    """The free equilibrium `φ*` of a batch (leading axis) and the solver's step
+    count: `model.free_equilibrium(x, ...)` with these defaults.
 
-    The hidden fixed point `h = Wσ(h) + Ux + b` is solved for the whole batch at once
-    with [`lcp_solvers.AndersonAcceleration`][]; `y* = Rσ(h*) + c`. Differentiating
+    For an [`lcp_solvers.experiments.EquilibriumNetwork`][], `φ* = (h*, y*)`: the
+    hidden fixed point `h = Wσ(h) + Ux + b` solved for the whole batch at once with
+    [`lcp_solvers.AndersonAcceleration`][], and `y* = Rσ(h*) + c`. Differentiating
     through it uses `adjoint` (by default the implicit function theorem, i.e.
-    recurrent backprop at convergence).
+    recurrent backprop at convergence); a layered network
+    ([`lcp_solvers.experiments.ConvFeedforward`][]) computes it by its forward pass.
     """
-    h0 = jnp.zeros((x.shape[0], model.num_hidden), x.dtype)
-    sol = optx.fixed_point(
-        lambda h, args: jax.vmap(args[0].fixed_point_map)(h, args[1]),
-        lcp.AndersonAcceleration(rtol=rtol, atol=atol),
-        h0,
-        args=(model, x),
-        max_steps=max_steps,
-        adjoint=adjoint,
-        throw=False,
+    return model.free_equilibrium(
+        x, rtol=rtol, atol=atol, max_steps=max_steps, adjoint=adjoint
     )
-    h = sol.value
-    return (h, jax.vmap(model.readout)(h)), sol.stats["num_steps"]
 
 
-def predict(model: EquilibriumNetwork, x: Float[Array, "batch d"]) -> Int[Array, " b"]:
-    """Class predictions (argmax of the output units at the free equilibrium)."""
-    (_, y), _ = free_equilibrium(model, x)
-    return jnp.argmax(y, axis=-1)
+def predict(
+    model: AbstractEquilibriumModel, x: Float[Array, "batch ..."]
+) -> Int[Array, " batch"]:
+    """Class predictions (argmax of the logits at the free equilibrium)."""
+    phi, _ = free_equilibrium(model, x)
+    return jnp.argmax(jax.vmap(model.output)(phi), axis=-1)
 
 
 def mean_of_successful(ok: Array, tree: PyTree[Array]) -> PyTree[Array]:
@@ -81,7 +78,8 @@ def mean_of_successful(ok: Array, tree: PyTree[Array]) -> PyTree[Array]:
 
 class AbstractUpdateRule(eqx.Module):
     """How a batch turns into parameter updates for an
-    [`EquilibriumNetwork`][lcp_solvers.experiments.EquilibriumNetwork].
+    [`lcp_solvers.experiments.AbstractEquilibriumModel`][] (e.g. an
+    [`EquilibriumNetwork`][lcp_solvers.experiments.EquilibriumNetwork]).
 
     `__call__` returns `(grads, state, stats)`: `grads` has the structure of
     `eqx.filter(model, eqx.is_inexact_array)` and is to be *descended* (pass it to an
@@ -94,13 +92,13 @@ class AbstractUpdateRule(eqx.Module):
     def name(self) -> str:
         """The method's name in tables."""
 
-    def init(self, model: EquilibriumNetwork, key: PRNGKeyArray) -> PyTree:
+    def init(self, model: AbstractEquilibriumModel, key: PRNGKeyArray) -> PyTree:
         return None
 
     @abc.abstractmethod
     def __call__(
         self,
-        model: EquilibriumNetwork,
+        model: AbstractEquilibriumModel,
         state: PyTree,
         x: Float[Array, "batch d"],
         labels: Int[Array, " batch"],
@@ -108,10 +106,27 @@ class AbstractUpdateRule(eqx.Module):
     ) -> tuple[PyTree, PyTree, dict[str, Array]]: ...
 
 
+def _gradient_through_equilibrium(model, x, labels, adjoint, rtol, atol):
+    # The gradient of the batch-mean cross-entropy at the free equilibrium, with the
+    # backward pass of `adjoint` wherever the model solves for its equilibrium.
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_fn(p):
+        m = eqx.combine(p, static)
+        phi, steps = free_equilibrium(m, x, rtol=rtol, atol=atol, adjoint=adjoint)
+        logits = jax.vmap(m.output)(phi)
+        return jnp.mean(jax.vmap(cross_entropy)(logits, labels)), steps
+
+    (loss, steps), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, loss, steps
+
+
 class RecurrentBackprop(AbstractUpdateRule):
     """The baseline: the gradient of the mean cross-entropy at the free equilibrium,
     by implicit differentiation (`optx.ImplicitAdjoint`, the converged limit of
-    recurrent backprop). For the `"ff"` architecture this is exact backprop.
+    recurrent backprop). For a layered network (the `"ff"` architecture,
+    [`lcp_solvers.experiments.ConvFeedforward`][]) this is exact backprop; the
+    convolutional network computes it through its explicit forward pass.
 
     **Arguments:**
 
@@ -127,19 +142,40 @@ class RecurrentBackprop(AbstractUpdateRule):
         return "BP/RBP"
 
     def __call__(self, model, state, x, labels, key):
-        params, static = eqx.partition(model, eqx.is_inexact_array)
         adjoint = optx.ImplicitAdjoint(
             linear_solver=lx.GMRES(rtol=self.rtol, atol=self.atol, restart=40)
         )
+        grads, loss, steps = _gradient_through_equilibrium(
+            model, x, labels, adjoint, self.rtol, self.atol
+        )
+        stats = dict(loss=loss, H=jnp.nan, steps=steps.astype(loss.dtype), ok=1.0)
+        return grads, state, stats
 
-        def loss_fn(p):
-            m = eqx.combine(p, static)
-            (_, y), steps = free_equilibrium(
-                m, x, rtol=self.rtol, atol=self.atol, adjoint=adjoint
-            )
-            return jnp.mean(jax.vmap(cross_entropy)(y, labels)), steps
 
-        (loss, steps), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+class LeastControlDropIn(AbstractUpdateRule):
+    """Recurrent backprop's training step with its backward pass replaced by the
+    drop-in [`lcp_solvers.LeastControlAdjoint`][]: the same forward solve, the
+    least-control update in place of the implicit gradient (the "LCP-DI (drop-in)"
+    rows). On a layered network, which has no solve to replace, it is backprop.
+
+    **Arguments:**
+
+    - `adjoint`: the [`lcp_solvers.LeastControlAdjoint`][] (default settings).
+    - `rtol`, `atol`: tolerances of the forward solve.
+    """
+
+    adjoint: lcp.LeastControlAdjoint = lcp.LeastControlAdjoint()
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    @property
+    def name(self) -> str:
+        return "LCP-DI (drop-in)"
+
+    def __call__(self, model, state, x, labels, key):
+        grads, loss, steps = _gradient_through_equilibrium(
+            model, x, labels, self.adjoint, self.rtol, self.atol
+        )
         stats = dict(loss=loss, H=jnp.nan, steps=steps.astype(loss.dtype), ok=1.0)
         return grads, state, stats
 
@@ -232,12 +268,22 @@ class LeastControl(AbstractUpdateRule):
             )
 
     def init(self, model, key):
-        if self.variant == "kp" and model.S_W is None:
+        if self.variant in ("di", "ebd"):
+            return None
+        # KP's feedback weights and LF's matrix Q are written for the dense network.
+        if not isinstance(model, EquilibriumNetwork):
             raise ValueError(
-                "`LeastControl(variant='kp')` needs Kolen-Pollack feedback weights: "
-                "build the model with `EquilibriumNetwork(..., feedback=True)`."
+                f"`LeastControl(variant={self.variant!r})` is implemented for "
+                "`EquilibriumNetwork` only, got a "
+                f"{type(model).__name__}; use variant 'di' or 'ebd'."
             )
-        if self.variant != "lf":
+        if self.variant == "kp":
+            if model.S_W is None:
+                raise ValueError(
+                    "`LeastControl(variant='kp')` needs Kolen-Pollack feedback "
+                    "weights: build the model with "
+                    "`EquilibriumNetwork(..., feedback=True)`."
+                )
             return None
         n, c = model.num_hidden, model.num_outputs
         # `linear_feedback_update` advises a zero start: a random Q can destabilise
@@ -267,16 +313,16 @@ class LeastControl(AbstractUpdateRule):
 
     def __call__(self, model, state, x, labels, key):
         params, static = eqx.partition(model, eqx.is_inexact_array)
-        (h0, y0), _ = free_equilibrium(model, x)
+        phi_free, _ = free_equilibrium(model, x)
         if self.variant == "lf":
-            state = self._lf_update(model, state, x, key, (h0, y0))
+            state = self._lf_update(model, state, x, key, phi_free)
         controller = self._controller(static, state)
 
         def f(phi, theta, args):
             return eqx.combine(theta, static).vector_field(phi, args[0])
 
         def loss(phi, args):
-            return cross_entropy(phi[1], args[1])
+            return cross_entropy(model.output(phi), args[1])
 
         solver = self.solver
         rtol, atol = self._tolerances()
@@ -291,7 +337,9 @@ class LeastControl(AbstractUpdateRule):
             solver = lcp.DiscreteTime(step_size=self.step_size, solver=anderson)
 
         def one(phi0, xi, li):
-            grads, info = lcp.least_control_grad(
+            # Only `info` is used: its per-example weight update is dead code that
+            # jit removes, and the batch's update is one product below.
+            _, info = lcp.least_control_grad(
                 f,
                 loss,
                 params,
@@ -304,20 +352,28 @@ class LeastControl(AbstractUpdateRule):
                 max_steps=self.max_steps,
                 throw=False,
             )
-            if self.variant == "lf" and self.modulate:
-                grads = _modulated_grads(f, params, info, (xi, li))
-            return grads, info
+            return info
 
-        grads, info = jax.vmap(one)((h0, y0), x, labels)
+        info = jax.vmap(one)(phi_free, x, labels)
         ok = info.result == lcp.RESULTS.successful
-        if self.drop_failed:
-            # A solve that hit `max_steps` or diverged returns an arbitrary ψ; leave
-            # those examples out of the batch average rather than follow it.
-            grads = mean_of_successful(ok, grads)
+        if self.variant == "lf" and self.modulate:
+            h, _ = info.phi
+            psi_h, psi_y = info.psi
+            # The hidden units' learning signal σ'(h)⊙(Qu)_h: the optimal feedback
+            # (∂_φ f)^{-T} has every unit's own σ'(h_i) as a left factor, which the
+            # unit can apply locally; one Q shared by all examples cannot.
+            psi = ((1 - jnp.tanh(h) ** 2) * psi_h, psi_y)
         else:
-            grads = jtu.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+            psi = info.psi
+        # A solve that hit `max_steps` or diverged returns an arbitrary ψ (NaN after
+        # divergence): with `drop_failed` those examples are left out of the batch
+        # average (masked with `where`, not weighted by zero) rather than followed.
+        keep = ok if self.drop_failed else jnp.ones_like(ok)
+        grads = _batch_update(f, params, info.phi, psi, (x, labels), keep)
         stats = dict(
-            loss=jnp.mean(jax.vmap(cross_entropy)(y0, labels)),
+            loss=jnp.mean(
+                jax.vmap(cross_entropy)(jax.vmap(model.output)(phi_free), labels)
+            ),
             # A failed solve's control is arbitrary (NaN after divergence).
             H=mean_of_successful(ok, info.control),
             steps=jnp.mean(info.num_steps),
@@ -375,18 +431,25 @@ class LeastControl(AbstractUpdateRule):
         return jnp.mean(jax.vmap(one)(h, y, x[: self.q_samples], keys), axis=0)
 
 
-def _modulated_grads(f, params, info, args):
-    # The hidden units' learning signal σ'(h)⊙(Qu)_h: the optimal feedback
-    # (∂_φ f)^{-T} has every unit's own σ'(h_i) as a left factor, which the unit can
-    # apply locally; one Q shared by all examples cannot.
-    h, _ = info.phi
-    psi_h, psi_y = info.psi
-    cotangent = (-(1 - jnp.tanh(h) ** 2) * psi_h, -psi_y)
-    # (∂_θ f)ᵀ cotangent over the inexact arrays of `params` (`None` elsewhere).
+def _batch_update(f, params, phi, psi, args, keep):
+    """`-(∂_θ f)ᵀψ` averaged over the examples where `keep` is true: one
+    vector-Jacobian product of the batched `f`, so no per-example weight update is
+    formed (for a dense layer it is the single matrix product `ψᵀσ(h)/B`; for a
+    convolution, one weight-gradient convolution over the batch)."""
+    dtype = jtu.tree_leaves(psi)[0].dtype
+    count = jnp.maximum(jnp.sum(keep.astype(dtype)), 1)
+
+    def cotangent(p):
+        mask = keep.reshape((-1,) + (1,) * (p.ndim - 1))
+        return -jnp.where(mask, p, 0) / count
+
     diff, static = eqx.partition(params, eqx.is_inexact_array)
-    _, vjp = jax.vjp(lambda d: f(info.phi, eqx.combine(d, static), args), diff)
-    (theta_bar,) = vjp(cotangent)
-    return eqx.combine(theta_bar, jtu.tree_map(lambda _: None, static))
+    _, vjp = jax.vjp(
+        lambda d: jax.vmap(lambda p, a: f(p, eqx.combine(d, static), a))(phi, args),
+        diff,
+    )
+    (theta_bar,) = vjp(jtu.tree_map(cotangent, psi))
+    return theta_bar
 
 
 @functools.cache
@@ -401,20 +464,6 @@ def _adam(learning_rate: float, cosine_steps: int | None = None):
     return optax.adam(schedule)
 
 
-def _limit_recurrent_norm(model, max_norm):
-    # Rescale the recurrent weights into the spectral-norm ball: with |tanh'| <= 1 the
-    # free dynamics then contract, so their equilibrium is unique and stable. The
-    # Kolen-Pollack feedback weights S_W drive the feedback dynamics the same way.
-    def limit(w):
-        norm = jnp.linalg.norm(w, ord=2)
-        return w * jnp.minimum(1.0, max_norm / norm).astype(w.dtype)
-
-    model = eqx.tree_at(lambda m: m.W, model, limit(model.W))
-    if model.S_W is not None:
-        model = eqx.tree_at(lambda m: m.S_W, model, limit(model.S_W))
-    return model
-
-
 @eqx.filter_jit
 def _train_step(
     model, opt_state, rule_state, xb, yb, key, rule, optim, max_recurrent_norm
@@ -423,8 +472,8 @@ def _train_step(
     params = eqx.filter(model, eqx.is_inexact_array)
     updates, opt_state = optim.update(grads, opt_state, params)
     model = eqx.apply_updates(model, updates)
-    if max_recurrent_norm is not None and model.architecture == "rnn":
-        model = _limit_recurrent_norm(model, max_recurrent_norm)
+    if max_recurrent_norm is not None:
+        model = model.limit_recurrent_norm(max_recurrent_norm)
     return model, opt_state, rule_state, stats
 
 
@@ -432,7 +481,7 @@ _predict = eqx.filter_jit(predict)
 
 
 def evaluate(
-    model: EquilibriumNetwork,
+    model: AbstractEquilibriumModel,
     x,
     labels,
     batch_size: int = 512,
@@ -464,7 +513,7 @@ def evaluate(
 
 
 def train_classifier(
-    model: EquilibriumNetwork,
+    model: AbstractEquilibriumModel,
     rule: AbstractUpdateRule,
     dataset,
     *,
@@ -476,12 +525,16 @@ def train_classifier(
     max_recurrent_norm: float | None = None,
     lr_schedule: Literal["constant", "cosine"] = "constant",
     mesh: Mesh | None = None,
-) -> tuple[EquilibriumNetwork, dict[str, list[float]]]:
+) -> tuple[AbstractEquilibriumModel, dict[str, list[float]]]:
     """Train `model` with `rule` and Adam on `dataset`; evaluate after every epoch.
 
     **Arguments:**
 
-    - `model`: the initial [`lcp_solvers.experiments.EquilibriumNetwork`][].
+    - `model`: the initial network, an
+        [`lcp_solvers.experiments.AbstractEquilibriumModel`][] such as
+        [`lcp_solvers.experiments.EquilibriumNetwork`][],
+        [`lcp_solvers.experiments.ConvFeedforward`][] or
+        [`lcp_solvers.experiments.ConvDEQ`][].
     - `rule`: an update rule ([`lcp_solvers.experiments.RecurrentBackprop`][] or
         [`lcp_solvers.experiments.LeastControl`][]).
     - `dataset`: a [`lcp_solvers.experiments.Dataset`][].
@@ -525,7 +578,7 @@ def train_classifier(
         raise ValueError(
             f"`lr_schedule` must be 'constant' or 'cosine', got {lr_schedule!r}."
         )
-    dtype = model.W.dtype
+    dtype = model.dtype
     x_train = np.asarray(dataset.x_train, dtype)
     y_train = np.asarray(dataset.y_train)
     x_test = np.asarray(dataset.x_test, dtype)

@@ -1,0 +1,58 @@
+"""What the training loop and the update rules need from a network."""
+
+import abc
+
+import equinox as eqx
+import jax.tree_util as jtu
+import optimistix as optx
+from jaxtyping import Array, Float, PyTree
+
+
+class AbstractEquilibriumModel(eqx.Module):
+    """A classifier whose prediction is read off an equilibrium of its dynamics
+    `φ̇ = f(φ, θ; x)`: what [`lcp_solvers.experiments.train_classifier`][] and the
+    update rules ([`lcp_solvers.experiments.RecurrentBackprop`][],
+    [`lcp_solvers.experiments.LeastControl`][]) work with.
+
+    A subclass provides the velocity field of one example, the free equilibrium of a
+    batch (by a solver, or by an explicit forward pass where the network is layered)
+    and the logits at a state. The least-control update of every parameter is then
+    `-(∂_θ f)ᵀψ*`, taken from `vector_field` by one vector-Jacobian product.
+    """
+
+    @abc.abstractmethod
+    def vector_field(self, phi: PyTree[Array], x: Array) -> PyTree[Array]:
+        """The free velocity `f(φ, θ; x)` for one example (no batch axis)."""
+
+    @abc.abstractmethod
+    def free_equilibrium(
+        self,
+        x: Array,
+        *,
+        rtol: float,
+        atol: float,
+        max_steps: int,
+        adjoint: optx.AbstractAdjoint,
+    ) -> tuple[PyTree[Array], Array]:
+        """The free equilibrium of a batch `x` (leading batch axis) and the number of
+        solver steps it took. Differentiating through it uses `adjoint` where it is
+        solved for; a layered network computes it by its forward pass (steps 0),
+        which backprop differentiates exactly."""
+
+    @abc.abstractmethod
+    def output(self, phi: PyTree[Array]) -> Float[Array, " c"]:
+        """The logits at the state `phi` of one example: a fixed function of the
+        state, without parameters (a readout belongs in the dynamics, where the
+        least-control principle trains it)."""
+
+    @property
+    def dtype(self):
+        """The parameters' floating dtype (inputs are cast to it)."""
+        return jtu.tree_leaves(eqx.filter(self, eqx.is_inexact_array))[0].dtype
+
+    def limit_recurrent_norm(self, max_norm: float) -> "AbstractEquilibriumModel":
+        """The model with its recurrent weights rescaled to spectral norm at most
+        `max_norm` (see `train_classifier(max_recurrent_norm=...)`); unchanged for a
+        network without such a constraint."""
+        del max_norm
+        return self
