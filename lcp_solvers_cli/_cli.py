@@ -18,8 +18,14 @@ _METHODS = ("rbp", "di", "kp", "lf", "ebd")
 # The demo's PNG: under an output folder that .gitignore lists, not loose in the
 # working directory.
 _DEMO_PLOT = "lcp-solvers-output/demo.png"
+# Table 2's methods: "bp" is backprop (conv-ff) or recurrent backprop (conv-deq);
+# "dropin" is the conv DEQ trained through `LeastControlAdjoint`.
+_TABLE2_METHODS = ("bp", "dropin", "di")
+_TABLE2_ARCHITECTURES = ("conv-ff", "conv-deq")
 _METHOD_NAMES = {
     "rbp": "BP/RBP",
+    "bp": "BP/RBP",
+    "dropin": "LCP-DI (drop-in)",
     "di": "LCP-DI",
     "kp": "LCP-DI (KP)",
     "lf": "LCP-LF",
@@ -73,12 +79,19 @@ def _norm_limit(text: str) -> float | None:
 
 
 def _add_training_args(
-    p: argparse.ArgumentParser, *, epochs: int, hidden: int, hidden_help: str
+    p: argparse.ArgumentParser,
+    *,
+    epochs: int,
+    hidden: int,
+    hidden_help: str,
+    hidden_flag: str = "--hidden",
+    recurrent: bool = True,
+    alpha: float = 10.0,
 ):
     p.add_argument(
         "--epochs", type=_positive_int, default=epochs, help="training epochs"
     )
-    p.add_argument("--hidden", type=_positive_int, default=hidden, help=hidden_help)
+    p.add_argument(hidden_flag, type=_positive_int, default=hidden, help=hidden_help)
     p.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -98,7 +111,7 @@ def _add_training_args(
     p.add_argument(
         "--alpha",
         type=_positive_float,
-        default=10.0,
+        default=alpha,
         help=(
             "leak of the output controller, for the per-example loss (the paper's "
             "alpha, for a batch mean, times the batch size: its 0.1 at batch 64 is "
@@ -107,16 +120,17 @@ def _add_training_args(
             "to match BP/RBP: see docs/results.md"
         ),
     )
-    p.add_argument(
-        "--max-recurrent-norm",
-        type=_norm_limit,
-        default=0.95,
-        help=(
-            "after every update, rescale the RNN's recurrent weights (and KP's "
-            "feedback weights) to at most this spectral norm, for every method, so "
-            "that the free dynamics contract; 'none' to switch off"
-        ),
-    )
+    if recurrent:
+        p.add_argument(
+            "--max-recurrent-norm",
+            type=_norm_limit,
+            default=0.95,
+            help=(
+                "after every update, rescale the RNN's recurrent weights (and KP's "
+                "feedback weights) to at most this spectral norm, for every method, "
+                "so that the free dynamics contract; 'none' to switch off"
+            ),
+        )
     p.add_argument(
         "--devices",
         type=_positive_int,
@@ -209,7 +223,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     reproduce = sub.add_parser(
         "reproduce",
-        help="the paper's comparisons (table1, meta)",
+        help="the paper's comparisons (table1, table2, meta)",
         description="Reproduce one of the paper's comparisons on offline data.",
     )
     rsub = reproduce.add_subparsers(
@@ -252,6 +266,49 @@ def _build_parser() -> argparse.ArgumentParser:
         hidden=256,
         hidden_help="units per hidden layer (FF: 2 layers of this size; RNN: one "
         "population)",
+    )
+
+    table2 = rsub.add_parser(
+        "table2",
+        help="BP/RBP vs LCP-DI on a convolutional FF network and a convolutional DEQ",
+        description=(
+            "Table 2 of the paper: test accuracy (mean ± std over seeds), seconds per "
+            "epoch and mean solve steps of a layered convolutional network (conv-ff: "
+            "BP, LCP-DI) and a convolutional deep equilibrium model (conv-deq: RBP, "
+            "LCP-DI through the drop-in LeastControlAdjoint, LCP-DI by the full "
+            "principle). digits are scikit-learn's 8x8 images as 1x8x8 inputs, an "
+            "offline stand-in for CIFAR-10 (read from --data-dir). The networks use "
+            "GELU where the paper's use ReLU (see docs/results.md)."
+        ),
+    )
+    table2.add_argument(
+        "--dataset",
+        choices=("digits", "cifar10"),
+        required=True,
+        help="digits (scikit-learn, as 1x8x8 images) or cifar10 (from --data-dir)",
+    )
+    table2.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with CIFAR-10's python batches (cifar-10-batches-py)",
+    )
+    _add_runs_args(table2, _TABLE2_METHODS)
+    table2.add_argument(
+        "--architectures",
+        nargs="+",
+        choices=_TABLE2_ARCHITECTURES,
+        default=list(_TABLE2_ARCHITECTURES),
+        help="the convolutional feedforward network and/or the convolutional DEQ",
+    )
+    _add_training_args(
+        table2,
+        epochs=15,
+        hidden=8,
+        hidden_flag="--channels",
+        hidden_help="width C: conv-ff has C and 2C channels and two dense blocks of "
+        "8C units; conv-deq has a C-channel state and 2C channels inside its cell "
+        "(the paper's CIFAR-10 networks are wider; 32 is closer)",
+        recurrent=False,
     )
 
     meta = rsub.add_parser(
@@ -344,6 +401,39 @@ def _initial_model(dataset, arch, hidden, seed, feedback):
     return model, key_train
 
 
+def _initial_conv_model(dataset, arch, channels, seed):
+    """The convolutional network a `table2` run starts from, and its training key."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from lcp_solvers.experiments import ConvDEQ, ConvFeedforward
+
+    in_shape = dataset.x_train.shape[1:]
+    key_model, key_train = jax.random.split(jax.random.key(seed))
+    if arch == "conv-ff":
+        model = ConvFeedforward(
+            in_shape,
+            dataset.num_classes,
+            channels=(channels, 2 * channels),
+            dense=(8 * channels, 8 * channels),
+            key=key_model,
+            dtype=jnp.float32,
+        )
+    else:
+        model = ConvDEQ(
+            in_shape,
+            dataset.num_classes,
+            channels=channels,
+            hidden=2 * channels,
+            groups=math.gcd(channels, 8),
+            key=key_model,
+            dtype=jnp.float32,
+        )
+    return model, key_train
+
+
 def _schedule_note(args):
     return ", cosine step size" if args.lr_schedule == "cosine" else ""
 
@@ -351,6 +441,7 @@ def _schedule_note(args):
 def _run_one(method, arch, dataset, args, seed):
     from lcp_solvers.experiments import (
         LeastControl,
+        LeastControlDropIn,
         RecurrentBackprop,
         train_classifier,
     )
@@ -362,9 +453,16 @@ def _run_one(method, arch, dataset, args, seed):
             f"--batch-size {args.batch_size}) form one batch that does not split "
             f"over {devices} devices; use --max-train with a multiple of {devices}"
         )
-    model, key_train = _initial_model(dataset, arch, args.hidden, seed, method == "kp")
-    if method == "rbp":
+    if arch in _TABLE2_ARCHITECTURES:
+        model, key_train = _initial_conv_model(dataset, arch, args.channels, seed)
+    else:
+        model, key_train = _initial_model(
+            dataset, arch, args.hidden, seed, method == "kp"
+        )
+    if method in ("rbp", "bp"):
         rule = RecurrentBackprop()
+    elif method == "dropin":
+        rule = LeastControlDropIn()
     else:
         rule = LeastControl(variant=method, alpha=args.alpha)
     _, history = train_classifier(
@@ -376,7 +474,7 @@ def _run_one(method, arch, dataset, args, seed):
         learning_rate=args.lr,
         key=key_train,
         progress=_progress(args, f"{_METHOD_NAMES[method]} {arch} seed {seed}"),
-        max_recurrent_norm=args.max_recurrent_norm,
+        max_recurrent_norm=getattr(args, "max_recurrent_norm", None),
         lr_schedule=args.lr_schedule,
         mesh=_mesh(args.devices),
     )
@@ -530,7 +628,14 @@ class _Interrupted(Exception):
 
 def _classification(args, dataset, methods, architectures, seeds, title):
     rows = {}
-    runs = [(arch, method) for arch in architectures for method in methods]
+    # The drop-in replaces a solve's backward pass; a layered network has none, so
+    # on conv-ff it would be backprop again.
+    runs = [
+        (arch, method)
+        for arch in architectures
+        for method in methods
+        if not (arch == "conv-ff" and method == "dropin")
+    ]
     try:
         for i, (arch, method) in enumerate(runs):
             histories = []
@@ -624,6 +729,52 @@ def _table1(args):
         f"{args.dataset} ({len(dataset.x_train)} train / {len(dataset.x_test)} test), "
         f"hidden {args.hidden}, {_plural(args.epochs, 'epoch')}, "
         f"{_plural(args.seeds, 'seed')}, "
+        f"alpha {args.alpha:g}" + _schedule_note(args)
+    )
+    try:
+        rows = _classification(
+            args, dataset, args.methods, args.architectures, args.seeds, title
+        )
+    except _Interrupted as e:
+        rows = e.rows
+        if rows:
+            _print_table(rows, title + " (interrupted: finished methods only)")
+        if args.json and rows:
+            _write_table1_json(rows, args.json)
+        raise
+    if args.json:
+        _write_table1_json(rows, args.json)
+    return 0
+
+
+def _table2(args):
+    from lcp_solvers.experiments import load_dataset, load_digits
+
+    if args.dataset != "cifar10" and args.data_dir is not None:
+        print(
+            "note: --data-dir is only used with --dataset cifar10; ignoring it.",
+            file=sys.stderr,
+        )
+    try:
+        if args.dataset == "digits":
+            dataset = load_digits(
+                max_train=args.max_train, max_test=args.max_test, as_images=True
+            )
+        else:
+            dataset = load_dataset(
+                "cifar10",
+                data_dir=args.data_dir,
+                max_train=args.max_train,
+                max_test=args.max_test,
+            )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lcp-solvers reproduce table2: error: {e}", file=sys.stderr)
+        return 2
+    c, height, width = dataset.x_train.shape[1:]
+    title = (
+        f"{args.dataset} ({len(dataset.x_train)} train / {len(dataset.x_test)} test, "
+        f"{c}x{height}x{width}), width {args.channels}, "
+        f"{_plural(args.epochs, 'epoch')}, {_plural(args.seeds, 'seed')}, "
         f"alpha {args.alpha:g}" + _schedule_note(args)
     )
     try:
@@ -834,6 +985,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.experiment == "table1":
             return _table1(args)
+        if args.experiment == "table2":
+            return _table2(args)
         return _meta(args)
     except _UsageError as e:
         print(f"{_prog(args)}: error: {e}", file=sys.stderr)
@@ -882,12 +1035,18 @@ def _check_paths(args) -> str | None:
             return f"--{option} {path}: cannot write there ({e.strerror})"
         if not existed:
             target.unlink()
-    if getattr(args, "dataset", None) == "mnist":
+    needs = {
+        "mnist": "a directory with mnist.npz or the four MNIST IDX files",
+        "cifar10": "a directory with CIFAR-10's python batches (data_batch_1..5, "
+        "test_batch)",
+    }
+    dataset = getattr(args, "dataset", None)
+    if dataset in needs:
         data_dir = args.data_dir
         if data_dir is None:
             return (
-                "--dataset mnist needs --data-dir DIR, a directory with mnist.npz or "
-                "the four MNIST IDX files (nothing is downloaded)"
+                f"--dataset {dataset} needs --data-dir DIR, {needs[dataset]} "
+                "(nothing is downloaded)"
             )
         if not pathlib.Path(data_dir).is_dir():
             return f"--data-dir {data_dir}: not a directory"

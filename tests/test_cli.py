@@ -9,7 +9,7 @@ from lcp_solvers.experiments._meta import META_METHOD_NAMES
 from lcp_solvers_cli import _cli, main
 
 from .helpers import requires_sharding_jax
-from .test_data import write_tiny_mnist_idx
+from .test_data import write_tiny_cifar10, write_tiny_mnist_idx
 
 
 _TINY = ["--epochs", "1", "--hidden", "4", "--max-test", "20", "--no-progress"]
@@ -17,7 +17,14 @@ _TINY = ["--epochs", "1", "--hidden", "4", "--max-test", "20", "--no-progress"]
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["demo"], ["reproduce"], ["reproduce", "table1"], ["reproduce", "meta"]],
+    [
+        [],
+        ["demo"],
+        ["reproduce"],
+        ["reproduce", "table1"],
+        ["reproduce", "table2"],
+        ["reproduce", "meta"],
+    ],
 )
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -242,6 +249,39 @@ def test_table1_digits_rnn_with_progress_bars_and_cosine_step_size(capsys):
     assert "| LCP-DI | rnn |" in captured.out
     assert "cosine step size" in captured.out
     assert "LCP-DI rnn seed 0" in captured.err  # the tqdm bar
+
+
+@pytest.mark.slow
+def test_table2_on_cifar10_files(tmp_path, capsys):
+    # Every row of Table 2 on CIFAR-10-shaped files the test writes (3x32x32).
+    write_tiny_cifar10(tmp_path, n_train=4, n_test=3)
+    out_json = tmp_path / "t2.json"
+    argv = ["reproduce", "table2", "--dataset", "cifar10", "--data-dir", str(tmp_path)]
+    argv += ["--epochs", "1", "--channels", "2", "--seeds", "1", "--no-progress"]
+    argv += ["--batch-size", "4", "--json", str(out_json)]
+    assert main(argv) == 0
+    results = json.loads(out_json.read_text())
+    # The drop-in replaces a solve's backward pass: conv-ff has none.
+    assert set(results) == {
+        "BP/RBP [conv-ff]",
+        "LCP-DI [conv-ff]",
+        "BP/RBP [conv-deq]",
+        "LCP-DI (drop-in) [conv-deq]",
+        "LCP-DI [conv-deq]",
+    }
+    for name, r in results.items():
+        assert 0 <= r["test_accuracy"] <= 100
+        assert r["solve_success"] == 1.0, name
+    assert results["BP/RBP [conv-ff]"]["mean_solve_steps"] == 0
+    assert "3x32x32" in capsys.readouterr().out
+
+
+def test_table2_needs_cifar_files(tmp_path, capsys):
+    assert main(["reproduce", "table2", "--dataset", "cifar10"]) == 2
+    assert "--data-dir DIR" in capsys.readouterr().err
+    argv = ["reproduce", "table2", "--dataset", "cifar10", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--epochs", "1", "--no-progress"]) == 2
+    assert "data_batch_1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
