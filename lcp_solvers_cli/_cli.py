@@ -19,8 +19,9 @@ _METHODS = ("rbp", "di", "kp", "lf", "ebd")
 # working directory.
 _DEMO_PLOT = "lcp-solvers-output/demo.png"
 # Table 2's methods: "bp" is backprop (conv-ff) or recurrent backprop (conv-deq);
-# "dropin" is the conv DEQ trained through `LeastControlAdjoint`.
-_TABLE2_METHODS = ("bp", "dropin", "di")
+# "dropin" is the conv DEQ trained through `LeastControlAdjoint` (conv-deq only);
+# "kp" is Kolen-Pollack dynamic inversion (conv-ff only, as in the paper).
+_TABLE2_METHODS = ("bp", "dropin", "di", "kp")
 _TABLE2_ARCHITECTURES = ("conv-ff", "conv-deq")
 _METHOD_NAMES = {
     "rbp": "BP/RBP",
@@ -274,7 +275,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Table 2 of the paper: test accuracy (mean ± std over seeds), seconds per "
             "epoch and mean solve steps of a layered convolutional network (conv-ff: "
-            "BP, LCP-DI) and a convolutional deep equilibrium model (conv-deq: RBP, "
+            "BP, LCP-DI, LCP-DI with Kolen-Pollack feedback through transposed "
+            "convolutions) and a convolutional deep equilibrium model (conv-deq: RBP, "
             "LCP-DI through the drop-in LeastControlAdjoint, LCP-DI by the full "
             "principle). digits are scikit-learn's 8x8 images as 1x8x8 inputs, an "
             "offline stand-in for CIFAR-10 (read from --data-dir). The networks use "
@@ -401,7 +403,7 @@ def _initial_model(dataset, arch, hidden, seed, feedback):
     return model, key_train
 
 
-def _initial_conv_model(dataset, arch, channels, seed):
+def _initial_conv_model(dataset, arch, channels, seed, feedback=False):
     """The convolutional network a `table2` run starts from, and its training key."""
     import math
 
@@ -419,6 +421,7 @@ def _initial_conv_model(dataset, arch, channels, seed):
             channels=(channels, 2 * channels),
             dense=(8 * channels, 8 * channels),
             key=key_model,
+            feedback=feedback,
             dtype=jnp.float32,
         )
     else:
@@ -454,7 +457,9 @@ def _run_one(method, arch, dataset, args, seed):
             f"over {devices} devices; use --max-train with a multiple of {devices}"
         )
     if arch in _TABLE2_ARCHITECTURES:
-        model, key_train = _initial_conv_model(dataset, arch, args.channels, seed)
+        model, key_train = _initial_conv_model(
+            dataset, arch, args.channels, seed, method == "kp"
+        )
     else:
         model, key_train = _initial_model(
             dataset, arch, args.hidden, seed, method == "kp"
@@ -629,12 +634,12 @@ class _Interrupted(Exception):
 def _classification(args, dataset, methods, architectures, seeds, title):
     rows = {}
     # The drop-in replaces a solve's backward pass; a layered network has none, so
-    # on conv-ff it would be backprop again.
+    # on conv-ff it would be backprop again. The paper runs KP on conv-ff only.
     runs = [
         (arch, method)
         for arch in architectures
         for method in methods
-        if not (arch == "conv-ff" and method == "dropin")
+        if (arch, method) not in (("conv-ff", "dropin"), ("conv-deq", "kp"))
     ]
     try:
         for i, (arch, method) in enumerate(runs):

@@ -261,10 +261,12 @@ def test_table2_on_cifar10_files(tmp_path, capsys):
     argv += ["--batch-size", "4", "--json", str(out_json)]
     assert main(argv) == 0
     results = json.loads(out_json.read_text())
-    # The drop-in replaces a solve's backward pass: conv-ff has none.
+    # The drop-in replaces a solve's backward pass: conv-ff has none; KP is on
+    # conv-ff only, as in the paper.
     assert set(results) == {
         "BP/RBP [conv-ff]",
         "LCP-DI [conv-ff]",
+        "LCP-DI (KP) [conv-ff]",
         "BP/RBP [conv-deq]",
         "LCP-DI (drop-in) [conv-deq]",
         "LCP-DI [conv-deq]",

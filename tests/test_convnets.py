@@ -195,6 +195,51 @@ def test_conv_ff_weak_control_recovers_backprop():
     assert_tree_close(jtu.tree_map(lambda g: alpha * g, lcp_grads), bp, 1e-3)
 
 
+def _with_feedback_equal_to_forward(model):
+    forward = tuple(layer.weight for layer in model._layers()[1:])
+    return eqx.tree_at(lambda m: m.feedback, model, forward)
+
+
+def test_kp_feedback_with_the_forward_weights_is_the_exact_transpose():
+    model = _with_feedback_equal_to_forward(_ff(feedback=True))
+    x, _ = _images(jax.random.key(6))
+    phi, _ = model.free_equilibrium(x, rtol=0.0, atol=0.0, max_steps=1, adjoint=None)
+    phi = jtu.tree_map(lambda p: p[0] + 0.1, phi)  # off the equilibrium
+    psi = jtu.tree_map(
+        lambda p: jax.random.normal(jax.random.key(7), p.shape, p.dtype), phi
+    )
+    _, vjp = jax.vjp(lambda p: model.vector_field(p, x[0]), phi)
+    (exact,) = vjp(psi)
+    assert_tree_close(model.kp_feedback(phi, psi), exact, 1e-13)
+    # Random feedback weights give another pathway.
+    other = _ff(feedback=True).kp_feedback(phi, psi)
+    assert tree_rel_error(other, exact) > 0.1
+
+
+@pytest.mark.slow
+def test_kp_update_with_aligned_feedback_is_di_and_feedback_tracks_forward():
+    model = _with_feedback_equal_to_forward(_ff(feedback=True))
+    x, labels = _images(jax.random.key(8))
+    kw = dict(alpha=1.0, rtol=1e-12, atol=1e-12)
+    di, _, _ = LeastControl(**kw)(model, None, x, labels, jax.random.key(0))
+    decay = 0.01
+    kp, _, stats = LeastControl(variant="kp", weight_decay=decay, **kw)(
+        model, None, x, labels, jax.random.key(0)
+    )
+    assert float(stats["ok"]) == 1.0
+    for i, (layer, g_kp, g_di) in enumerate(
+        zip(model._layers(), kp._layers(), di._layers())
+    ):
+        # The encoder has no feedback weight and no decay.
+        expected = g_di.weight + (decay * layer.weight if i > 0 else 0)
+        np.testing.assert_allclose(g_kp.weight, expected, rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(g_kp.bias, g_di.bias, rtol=1e-9, atol=1e-14)
+        if i > 0:
+            np.testing.assert_allclose(
+                kp.feedback[i - 1], expected, rtol=1e-9, atol=1e-14
+            )
+
+
 def test_bad_conv_model_arguments():
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="in_shape"):
@@ -205,6 +250,9 @@ def test_bad_conv_model_arguments():
         ConvFeedforward((1, 8, 8), 3, channels=(), key=key)
     with pytest.raises(ValueError, match="groups"):
         ConvDEQ((1, 8, 8), 3, channels=6, hidden=8, groups=4, key=key)
-    for variant in ("kp", "lf"):
-        with pytest.raises(ValueError, match="for `EquilibriumNetwork` only"):
-            LeastControl(variant=variant).init(_ff(), key)
+    with pytest.raises(ValueError, match="for `EquilibriumNetwork` only"):
+        LeastControl(variant="lf").init(_ff(), key)
+    with pytest.raises(ValueError, match="feedback=True"):
+        LeastControl(variant="kp").init(_ff(), key)
+    with pytest.raises(ValueError, match="feedback=True"):
+        LeastControl(variant="kp").init(_deq(), key)

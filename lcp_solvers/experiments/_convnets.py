@@ -39,6 +39,14 @@ def _conv_stack(convs, pool, x):
     return h
 
 
+def _like(weight, key):
+    # A fresh draw from equinox's default initialisation of a weight of this shape
+    # (uniform in ±1/√fan_in).
+    fan_in = weight[0].size
+    bound = 1 / jnp.sqrt(fan_in)
+    return jax.random.uniform(key, weight.shape, weight.dtype, -bound, bound)
+
+
 class ConvFeedforward(AbstractEquilibriumModel):
     r"""A layered convolutional network written as an equilibrium network: the
     convolutional feedforward model of Table 2 of Meulemans et al. (NeurIPS 2022).
@@ -70,6 +78,10 @@ class ConvFeedforward(AbstractEquilibriumModel):
         crosses zero under control, and the controlled solve then cycles instead
         of converging (at initialisation on digits, 23% of examples converged within
         512 steps with ReLU, 100% within 8 with GELU; docs/results.md).
+    - `feedback`: if `True`, also create Kolen–Pollack feedback weights, one per
+        block after the encoder with its forward weight's shape, for
+        `LeastControl(variant="kp")`: the error reaches each block through a
+        transposed convolution (or transposed matrix) with the feedback weight.
     - `dtype`: the parameters' floating dtype (`None`: JAX's default).
     """
 
@@ -77,6 +89,7 @@ class ConvFeedforward(AbstractEquilibriumModel):
     pool: eqx.nn.MaxPool2d
     denses: tuple[eqx.nn.Linear, ...]
     readout: eqx.nn.Linear
+    feedback: tuple[Array, ...] | None
     activation: Callable[[Array], Array] = eqx.field(static=True)
 
     def __init__(
@@ -89,6 +102,7 @@ class ConvFeedforward(AbstractEquilibriumModel):
         *,
         key: PRNGKeyArray,
         activation: Callable[[Array], Array] = jax.nn.gelu,
+        feedback: bool = False,
         dtype=None,
     ):
         _check_image_shape(in_shape, "ConvFeedforward")
@@ -106,7 +120,7 @@ class ConvFeedforward(AbstractEquilibriumModel):
                 f"2x2, got in_shape={in_shape}."
             )
         dtype = jnp.zeros(()).dtype if dtype is None else dtype
-        keys = iter(jax.random.split(key, len(channels) + len(dense) + 1))
+        keys = iter(jax.random.split(key, 2 * (len(channels) + len(dense)) + 1))
         pad = kernel_size // 2
         convs = []
         for i, out in enumerate(channels):
@@ -135,18 +149,70 @@ class ConvFeedforward(AbstractEquilibriumModel):
             size = out
         self.denses = tuple(denses)
         self.readout = eqx.nn.Linear(size, num_classes, key=next(keys), dtype=dtype)
+        if feedback:
+            # One feedback weight per block that reads the state (all but the
+            # encoder), of its forward weight's shape and initial distribution.
+            self.feedback = tuple(
+                _like(layer.weight, next(keys)) for layer in self._layers()[1:]
+            )
+        else:
+            self.feedback = None
 
     def _layers(self):
         return (*self.convs, *self.denses, self.readout)
 
-    def _block(self, i, a):
-        # Block `i` of the stack applied to its input activation `a`.
-        if i == 0:
-            return self.pool(self.convs[0](a))
-        if i < len(self.convs):
-            return self.convs[i](a)
+    def _block(self, i, a, weight=None):
+        # Block `i` of the stack applied to its input activation `a`; with `weight`,
+        # that weight in place of the block's own (for products with the input only:
+        # the bias stays).
         layer = self._layers()[i]
+        if weight is not None:
+            layer = eqx.tree_at(lambda m: m.weight, layer, weight)
+        if i == 0:
+            return self.pool(layer(a))
+        if i < len(self.convs):
+            return layer(a)
         return layer(jnp.ravel(a))
+
+    @property
+    def has_feedback(self) -> bool:
+        return self.feedback is not None
+
+    def kp_feedback(self, phi, psi):
+        # Block l's ψ reaches block l-1 through its own transposed map, a transposed
+        # convolution (or transposed matrix) with the learned feedback weight in
+        # place of the forward weight, then σ'(h_{l-1}).
+        if self.feedback is None:
+            return super().kp_feedback(phi, psi)
+        back = [-p for p in psi]
+        feedback = self.feedback
+        for i in range(1, len(phi)):
+            _, vjp = jax.vjp(
+                lambda h, i=i: self._block(i, self.activation(h), feedback[i - 1]),
+                phi[i - 1],
+            )
+            (g,) = vjp(psi[i])
+            back[i - 1] = back[i - 1] + g
+        return tuple(back)
+
+    def kp_grads(self, grads, phi, psi, decay):
+        # The feedback weight of block l follows the block's Hebbian term, which is
+        # the least-control update of its forward weight (same shape): the feedback
+        # convolution tracks the forward one. The encoder has no feedback weight and
+        # no decay, as the dense network's input weights.
+        if self.feedback is None:
+            return super().kp_grads(grads, phi, psi, decay)
+        layers, grad_layers = self._layers()[1:], grads._layers()[1:]
+        forward = tuple(
+            g.weight + decay * m.weight for g, m in zip(grad_layers, layers)
+        )
+        backward = tuple(
+            g.weight + decay * s for g, s in zip(grad_layers, self.feedback)
+        )
+        grads = eqx.tree_at(
+            lambda t: tuple(layer.weight for layer in t._layers()[1:]), grads, forward
+        )
+        return eqx.tree_at(lambda t: t.feedback, grads, backward)
 
     def forward(self, x: Float[Array, "c h w"]) -> tuple[Array, ...]:
         """The free equilibrium of one image: its forward pass, every block's

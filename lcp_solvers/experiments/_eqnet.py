@@ -178,6 +178,31 @@ class EquilibriumNetwork(AbstractEquilibriumModel):
         back = (self.S_W * m_w.T) @ psi_h + (self.S_R * m_r.T) @ psi_y
         return -psi_h + (1 - jnp.tanh(h) ** 2) * back, -psi_y
 
+    @property
+    def has_feedback(self) -> bool:
+        return self.S_W is not None and self.S_R is not None
+
+    def kp_grads(self, grads, phi, psi, decay):
+        # ΔS = σ(h)ψᵀ - γS is the transpose of ΔW's Hebbian term: S tracks Wᵀ once
+        # the decay has washed out both initialisations.
+        assert self.S_W is not None and self.S_R is not None
+        h, _ = phi
+        psi_h, psi_y = psi
+        s = jnp.tanh(h)
+        m_w, _, m_r = self.masks(self.U.shape[1], self.R.shape[0])
+        d_sw = jnp.einsum("bi,bj->ij", s, psi_h) / h.shape[0] * m_w.T
+        d_sr = jnp.einsum("bi,bj->ij", s, psi_y) / h.shape[0] * m_r.T
+        return eqx.tree_at(
+            lambda t: (t.W, t.R, t.S_W, t.S_R),
+            grads,
+            (
+                grads.W + decay * self.W,
+                grads.R + decay * self.R,
+                -d_sw + decay * self.S_W,
+                -d_sr + decay * self.S_R,
+            ),
+        )
+
     def fixed_point_map(self, h: Float[Array, " n"], x: Float[Array, " d"]):
         w, u, _ = self._masked()
         return w @ jnp.tanh(h) + u @ x + self.b

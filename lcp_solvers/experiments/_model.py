@@ -50,6 +50,33 @@ class AbstractEquilibriumModel(eqx.Module):
         """The parameters' floating dtype (inputs are cast to it)."""
         return jtu.tree_leaves(eqx.filter(self, eqx.is_inexact_array))[0].dtype
 
+    @property
+    def has_feedback(self) -> bool:
+        """Whether the network has learned feedback weights for Kolen–Pollack
+        dynamic inversion (`kp_feedback`, `kp_grads`)."""
+        return False
+
+    def kp_feedback(self, phi: PyTree[Array], psi: PyTree[Array]) -> PyTree[Array]:
+        """`(∂_φ f)ᵀψ` for one example with every forward weight replaced by its
+        learned feedback weight: the feedback pathway of
+        `LeastControl(variant="kp")`."""
+        raise ValueError(
+            f"{type(self).__name__} has no Kolen-Pollack feedback weights; build it "
+            "with `feedback=True` where the network supports it."
+        )
+
+    def kp_grads(
+        self, grads: PyTree, phi: PyTree[Array], psi: PyTree[Array], decay: float
+    ) -> PyTree:
+        """The Kolen–Pollack update from the batch's least-control update `grads`
+        at the controlled equilibria `phi`, `psi` (leading batch axis): every
+        feedback weight follows its forward weight's local (Hebbian) term, and both
+        decay by `decay`, so that the feedback comes to match the forward weights
+        whatever either started at."""
+        raise ValueError(
+            f"{type(self).__name__} has no Kolen-Pollack feedback weights."
+        )
+
     def limit_recurrent_norm(self, max_norm: float) -> "AbstractEquilibriumModel":
         """The model with its recurrent weights rescaled to spectral norm at most
         `max_norm` (see `train_classifier(max_recurrent_norm=...)`); unchanged for a

@@ -270,21 +270,21 @@ class LeastControl(AbstractUpdateRule):
     def init(self, model, key):
         if self.variant in ("di", "ebd"):
             return None
-        # KP's feedback weights and LF's matrix Q are written for the dense network.
-        if not isinstance(model, EquilibriumNetwork):
-            raise ValueError(
-                f"`LeastControl(variant={self.variant!r})` is implemented for "
-                "`EquilibriumNetwork` only, got a "
-                f"{type(model).__name__}; use variant 'di' or 'ebd'."
-            )
         if self.variant == "kp":
-            if model.S_W is None:
+            if not model.has_feedback:
                 raise ValueError(
                     "`LeastControl(variant='kp')` needs Kolen-Pollack feedback "
-                    "weights: build the model with "
-                    "`EquilibriumNetwork(..., feedback=True)`."
+                    f"weights: build the {type(model).__name__} with "
+                    "`feedback=True` (EquilibriumNetwork, ConvFeedforward)."
                 )
             return None
+        # LF's matrix Q and its σ'(h) modulation are written for the dense network.
+        if not isinstance(model, EquilibriumNetwork):
+            raise ValueError(
+                "`LeastControl(variant='lf')` is implemented for "
+                f"`EquilibriumNetwork` only, got a {type(model).__name__}; use "
+                "variant 'di', 'kp' or 'ebd'."
+            )
         n, c = model.num_hidden, model.num_outputs
         # `linear_feedback_update` advises a zero start: a random Q can destabilise
         # the feedback loop.
@@ -380,29 +380,8 @@ class LeastControl(AbstractUpdateRule):
             ok=jnp.mean(ok),
         )
         if self.variant == "kp":
-            grads = self._kp_grads(model, grads, info)
+            grads = model.kp_grads(grads, info.phi, info.psi, self.weight_decay)
         return grads, state, stats
-
-    def _kp_grads(self, model, grads, info):
-        # ΔS = σ(h)ψᵀ - γS is the transpose of ΔW's Hebbian term: S tracks Wᵀ once
-        # the decay has washed out both initialisations.
-        g = self.weight_decay
-        h, _ = info.phi
-        psi_h, psi_y = info.psi
-        s = jnp.tanh(h)
-        m_w, _, m_r = model.masks(model.U.shape[1], model.R.shape[0])
-        d_sw = jnp.einsum("bi,bj->ij", s, psi_h) / h.shape[0] * m_w.T
-        d_sr = jnp.einsum("bi,bj->ij", s, psi_y) / h.shape[0] * m_r.T
-        return eqx.tree_at(
-            lambda t: (t.W, t.R, t.S_W, t.S_R),
-            grads,
-            (
-                grads.W + g * model.W,
-                grads.R + g * model.R,
-                -d_sw + g * model.S_W,
-                -d_sr + g * model.S_R,
-            ),
-        )
 
     def _lf_update(self, model, q, x, key, phi_free):
         # The noise rule is run online, a short stretch per batch on a few examples'
