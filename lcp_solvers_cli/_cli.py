@@ -73,6 +73,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive_float(text)
+
+
 def _norm_limit(text: str) -> float | None:
     if text.lower() == "none":
         return None
@@ -312,6 +318,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "(the paper's CIFAR-10 networks are wider; 32 is closer)",
         recurrent=False,
     )
+    table2.add_argument(
+        "--jacobian-penalty",
+        type=_non_negative_float,
+        default=20.0,
+        help=(
+            "gamma of the conv DEQ's Jacobian regularisation (Bai et al. 2021), "
+            "the same for every method; it keeps the cell contracting as it trains "
+            "(without it the drop-in's solve failed on digits); 0 to switch off"
+        ),
+    )
 
     meta = rsub.add_parser(
         "meta",
@@ -403,7 +419,9 @@ def _initial_model(dataset, arch, hidden, seed, feedback):
     return model, key_train
 
 
-def _initial_conv_model(dataset, arch, channels, seed, feedback=False):
+def _initial_conv_model(
+    dataset, arch, channels, seed, feedback=False, jacobian_penalty=0.0
+):
     """The convolutional network a `table2` run starts from, and its training key."""
     import math
 
@@ -432,6 +450,7 @@ def _initial_conv_model(dataset, arch, channels, seed, feedback=False):
             hidden=2 * channels,
             groups=math.gcd(channels, 8),
             key=key_model,
+            jacobian_penalty=jacobian_penalty,
             dtype=jnp.float32,
         )
     return model, key_train
@@ -458,7 +477,7 @@ def _run_one(method, arch, dataset, args, seed):
         )
     if arch in _TABLE2_ARCHITECTURES:
         model, key_train = _initial_conv_model(
-            dataset, arch, args.channels, seed, method == "kp"
+            dataset, arch, args.channels, seed, method == "kp", args.jacobian_penalty
         )
     else:
         model, key_train = _initial_model(
@@ -568,7 +587,14 @@ def _print_table(rows, title):
     )
     lines = [title, "", header]
     several_seeds = False
+    failures = []
     for (name, arch), r in rows.items():
+        if "error" in r:
+            failures.append(
+                f"{name} ({arch}) failed at seed {r['failed_seed']}: {r['error']}"
+            )
+            lines.append(f"| {name} | {arch} | failed | | | |")
+            continue
         acc = f"{r['test_accuracy']:.2f}"
         if len(r["test_accuracy_per_seed"]) > 1:
             acc += f" ± {r['test_accuracy_std']:.2f}"
@@ -584,6 +610,7 @@ def _print_table(rows, title):
         "½‖ψ‖² per example in the last epoch (LCP only). s / epoch: after the "
         "first, which compiles. solve steps: mean steps of the controlled solve "
         "(BP/RBP: of the forward solve).",
+        *failures,
     ]
     print("\n".join(lines), flush=True)
 
@@ -597,6 +624,8 @@ def _plot_curves(rows, path, title):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for (name, arch), r in rows.items():
+        if "error" in r:
+            continue
         curves = 100 * np.asarray(r["curves"])
         epochs = np.arange(1, curves.shape[1] + 1)
         mean = curves.mean(axis=0)
@@ -646,14 +675,44 @@ def _classification(args, dataset, methods, architectures, seeds, title):
             histories = []
             for seed in range(seeds):
                 _overall(args, i * seeds + seed, len(runs) * seeds)
-                histories.append(_run_one(method, arch, dataset, args, seed))
-            rows[(_METHOD_NAMES[method], arch)] = _summarise(histories)
+                try:
+                    histories.append(_run_one(method, arch, dataset, args, seed))
+                except (KeyboardInterrupt, _UsageError):
+                    raise
+                except Exception as e:
+                    # A run that raises (e.g. a solve that fails with throw=True)
+                    # ends its method's row, not the table.
+                    message = _first_line(e)
+                    rows[(_METHOD_NAMES[method], arch)] = {
+                        "error": f"{type(e).__name__}: {message}",
+                        "failed_seed": seed,
+                    }
+                    print(
+                        f"{_METHOD_NAMES[method]} {arch} seed {seed} failed: "
+                        f"{type(e).__name__}: {message}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    break
+            else:
+                rows[(_METHOD_NAMES[method], arch)] = _summarise(histories)
     except KeyboardInterrupt:
         raise _Interrupted(rows) from None
     _print_table(rows, title)
     if args.plot:
         _plot_curves(rows, args.plot, title)
     return rows
+
+
+def _first_line(error: Exception) -> str:
+    # An error under jit (equinox's `error_if`) prints the stack first and its
+    # message after the last "EquinoxRuntimeError: ".
+    text = str(error)
+    marker = "EquinoxRuntimeError: "
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _overall(args, done, total):
@@ -736,20 +795,7 @@ def _table1(args):
         f"{_plural(args.seeds, 'seed')}, "
         f"alpha {args.alpha:g}" + _schedule_note(args)
     )
-    try:
-        rows = _classification(
-            args, dataset, args.methods, args.architectures, args.seeds, title
-        )
-    except _Interrupted as e:
-        rows = e.rows
-        if rows:
-            _print_table(rows, title + " (interrupted: finished methods only)")
-        if args.json and rows:
-            _write_table1_json(rows, args.json)
-        raise
-    if args.json:
-        _write_table1_json(rows, args.json)
-    return 0
+    return _table(args, dataset, title)
 
 
 def _table2(args):
@@ -782,6 +828,12 @@ def _table2(args):
         f"{_plural(args.epochs, 'epoch')}, {_plural(args.seeds, 'seed')}, "
         f"alpha {args.alpha:g}" + _schedule_note(args)
     )
+    return _table(args, dataset, title)
+
+
+def _table(args, dataset, title):
+    # A table's runs, printed and plotted, and written as JSON with keys
+    # "<method> [<arch>]" (also the finished ones after Ctrl-C).
     try:
         rows = _classification(
             args, dataset, args.methods, args.architectures, args.seeds, title
@@ -791,14 +843,15 @@ def _table2(args):
         if rows:
             _print_table(rows, title + " (interrupted: finished methods only)")
         if args.json and rows:
-            _write_table1_json(rows, args.json)
+            _write_rows_json(rows, args.json)
         raise
     if args.json:
-        _write_table1_json(rows, args.json)
-    return 0
+        _write_rows_json(rows, args.json)
+    # The table is complete, but a row failed: say so in the exit status.
+    return 1 if any("error" in r for r in rows.values()) else 0
 
 
-def _write_table1_json(rows, path):
+def _write_rows_json(rows, path):
     _write_json(
         {f"{name} [{arch}]": _jsonable(r) for (name, arch), r in rows.items()}, path
     )

@@ -123,6 +123,39 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("lcp-solvers 0.")
 
 
+def test_a_failing_run_ends_its_row_not_the_table(tmp_path, monkeypatch, capsys):
+    def run_one(method, arch, dataset, args, seed):
+        if method == "dropin" and seed == 1:
+            # As equinox's errors under jit print: the stack, then the message.
+            raise RuntimeError(
+                "Above is the stack outside of JIT.\n  File x\n\nequinox."
+                "EquinoxRuntimeError: The controlled equilibrium was not reached.\n"
+                "\n-----\nmore"
+            )
+        return dict(
+            test_accuracy=[0.5], seconds=[1.0], H=[float("nan")], steps=[0.0],
+            solve_success=[1.0],
+        )  # fmt: skip
+
+    monkeypatch.setattr(_cli, "_run_one", run_one)
+    out_json = tmp_path / "t2.json"
+    argv = ["reproduce", "table2", "--dataset", "digits", "--seeds", "2"]
+    argv += ["--architectures", "conv-deq", "--no-progress", "--json", str(out_json)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "| LCP-DI (drop-in) | conv-deq | failed |" in captured.out
+    assert "| LCP-DI | conv-deq | 50.00" in captured.out  # the next row still ran
+    message = "RuntimeError: The controlled equilibrium was not reached."
+    assert f"failed at seed 1: {message}" in captured.out
+    assert f"seed 1 failed: {message}" in captured.err
+    results = json.loads(out_json.read_text())
+    assert results["LCP-DI (drop-in) [conv-deq]"] == {
+        "error": message,
+        "failed_seed": 1,
+    }
+    assert results["BP/RBP [conv-deq]"]["test_accuracy"] == 50.0
+
+
 def test_ctrl_c_keeps_finished_runs_and_exits_130(tmp_path, monkeypatch, capsys):
     calls = []
 

@@ -34,8 +34,10 @@ def _ff(**kw):
     )  # fmt: skip
 
 
-def _deq():
-    return ConvDEQ((2, 4, 4), 3, channels=4, hidden=4, groups=2, key=jax.random.key(1))
+def _deq(**kw):
+    return ConvDEQ(
+        (2, 4, 4), 3, channels=4, hidden=4, groups=2, key=jax.random.key(1), **kw
+    )
 
 
 def _conv(x, conv, stride):
@@ -193,6 +195,54 @@ def test_conv_ff_weak_control_recovers_backprop():
     )
     assert float(stats["ok"]) == 1.0
     assert_tree_close(jtu.tree_map(lambda g: alpha * g, lcp_grads), bp, 1e-3)
+
+
+def test_jacobian_penalty_is_hutchinson_for_the_frobenius_norm():
+    model = _deq(jacobian_penalty=3.0)
+    x, _ = _images(jax.random.key(9), n=1, shape=(2, 4, 4))
+    z = jax.random.normal(jax.random.key(10), (4, 4, 4))
+    phi = (z, jnp.zeros(3))
+    u = model.inject(x[0])
+    jac = jax.jacobian(lambda z: model.cell(z, u))(z).reshape(z.size, z.size)
+    exact = 3.0 * jnp.sum(jac**2) / z.size
+    keys = jax.random.split(jax.random.key(11), 4000)
+    samples = jax.vmap(lambda k: model.regulariser(phi, x[0], k))(keys)
+    # Gaussian probes: the standard error of the mean is about 1.5% here.
+    np.testing.assert_allclose(jnp.mean(samples), exact, rtol=0.05)
+    assert _deq().regulariser(phi, x[0], keys[0]) is None
+
+
+@pytest.mark.slow
+def test_every_rule_adds_the_same_regulariser_gradient():
+    # The difference a penalty makes to each rule's update is the same term,
+    # divided by alpha for least control (its update is about gradient / alpha).
+    x, labels = _images(jax.random.key(12), shape=(2, 4, 4), c=3)
+    key = jax.random.key(13)
+    alpha = 2.0
+    rules = (
+        RecurrentBackprop(rtol=1e-10, atol=1e-10),
+        LeastControlDropIn(rtol=1e-10, atol=1e-10),
+        LeastControl(alpha=alpha, rtol=1e-10, atol=1e-10),
+    )
+    differences = []
+    for rule in rules:
+        plain, _, _ = rule(_deq(), None, x, labels, key)
+        with_penalty, _, _ = rule(_deq(jacobian_penalty=5.0), None, x, labels, key)
+        # (Leaves only: the penalty is a static field, so the trees differ.)
+        differences.append(
+            [
+                a - b
+                for a, b in zip(jtu.tree_leaves(with_penalty), jtu.tree_leaves(plain))
+            ]
+        )
+    assert_tree_close(differences[1], differences[0], 1e-6)
+    # LeastControl evaluates it at its free equilibrium, solved to 1e-5 whatever
+    # the rule's own tolerance: that is the error here.
+    scaled = jtu.tree_map(lambda d: alpha * d, differences[2])
+    assert_tree_close(scaled, differences[0], 3e-5)
+    # ... and it is not negligible against the update itself.
+    plain = jtu.tree_leaves(plain)
+    assert tree_rel_error([a + d for a, d in zip(plain, differences[0])], plain) > 0.1
 
 
 def _with_feedback_equal_to_forward(model):

@@ -318,6 +318,13 @@ class ConvDEQ(AbstractEquilibriumModel):
     - `readout_grid`: the readout sees `z` average-pooled to this many cells per
         side (it must divide the height and width): 4 keeps 16 values per channel
         (one global average, `1`, leaves 8x8 digits too little to classify).
+    - `jacobian_penalty`: `γ` of the Jacobian regularisation of Bai, Koltun &
+        Kolter (ICML 2021): every update rule adds the gradient of
+        `γ‖∂cell/∂z‖_F² / size(z)` at the free equilibrium (a one-probe Hutchinson
+        estimate, [`lcp_solvers.DEQ.jacobian_penalty`][]) to its update (divided
+        by `alpha` for [`lcp_solvers.experiments.LeastControl`][], whose update is
+        about the gradient divided by `alpha`), which keeps the cell contracting
+        while it trains. `0` (default) adds nothing.
     - `cell_init_scale`: the cell's convolution weights start at this multiple of
         equinox's default initialisation. Small, as multiscale DEQs initialise their
         cells, so that the cell starts as a contraction: on digits with 8 channels
@@ -331,6 +338,7 @@ class ConvDEQ(AbstractEquilibriumModel):
     cell: ConvDEQCell
     readout: eqx.nn.Linear
     readout_grid: int = eqx.field(static=True)
+    jacobian_penalty: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -345,6 +353,7 @@ class ConvDEQ(AbstractEquilibriumModel):
         activation: Callable[[Array], Array] = jax.nn.gelu,
         cell_init_scale: float = 0.1,
         readout_grid: int = 4,
+        jacobian_penalty: float = 0.0,
         dtype=None,
     ):
         _check_image_shape(in_shape, "ConvDEQ")
@@ -354,6 +363,12 @@ class ConvDEQ(AbstractEquilibriumModel):
                 f"height and width, got in_shape={in_shape}."
             )
         self.readout_grid = readout_grid
+        if not jacobian_penalty >= 0:
+            raise ValueError(
+                "`ConvDEQ(jacobian_penalty=...)` must be non-negative, got "
+                f"{jacobian_penalty}."
+            )
+        self.jacobian_penalty = jacobian_penalty
         _check_sizes((channels, hidden, groups), "channels/hidden/groups", "ConvDEQ")
         if channels % groups or hidden % groups:
             raise ValueError(
@@ -428,3 +443,11 @@ class ConvDEQ(AbstractEquilibriumModel):
 
     def output(self, phi):
         return phi[1]
+
+    def regulariser(self, phi, x, key):
+        if self.jacobian_penalty == 0:
+            return None
+        z, _ = phi
+        deq = lcp.DEQ(self.cell, z0=jnp.zeros_like)
+        penalty = deq.jacobian_penalty(z, self.inject(x), key)
+        return self.jacobian_penalty * penalty / z.size

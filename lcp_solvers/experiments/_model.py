@@ -50,6 +50,13 @@ class AbstractEquilibriumModel(eqx.Module):
         """The parameters' floating dtype (inputs are cast to it)."""
         return jtu.tree_leaves(eqx.filter(self, eqx.is_inexact_array))[0].dtype
 
+    def regulariser(self, phi: PyTree[Array], x: Array, key: Array) -> Array | None:
+        """A penalty on the parameters at the free equilibrium `phi` of one example,
+        added to the training objective by every update rule (its gradient in the
+        parameters at fixed `phi`), or `None` for none (the default)."""
+        del phi, x, key
+        return None
+
     @property
     def has_feedback(self) -> bool:
         """Whether the network has learned feedback weights for Kolen–Pollack

@@ -106,7 +106,28 @@ class AbstractUpdateRule(eqx.Module):
     ) -> tuple[PyTree, PyTree, dict[str, Array]]: ...
 
 
-def _gradient_through_equilibrium(model, x, labels, adjoint, rtol, atol):
+def _with_regulariser(model, grads, phi, x, key, scale=1.0):
+    # Adds `scale` times the gradient in the parameters of the model's regulariser
+    # at the free equilibrium `phi` (held fixed), the same term for every rule.
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    keys = jax.random.split(key, x.shape[0])
+    phi = jax.lax.stop_gradient(phi)
+
+    def penalty(p):
+        m = eqx.combine(p, static)
+        return jnp.mean(jax.vmap(m.regulariser)(phi, x, keys))
+
+    if (
+        eqx.filter_eval_shape(
+            lambda: model.regulariser(jtu.tree_map(lambda a: a[0], phi), x[0], keys[0])
+        )
+        is None
+    ):
+        return grads
+    return jtu.tree_map(lambda g, r: g + scale * r, grads, jax.grad(penalty)(params))
+
+
+def _gradient_through_equilibrium(model, x, labels, adjoint, rtol, atol, key):
     # The gradient of the batch-mean cross-entropy at the free equilibrium, with the
     # backward pass of `adjoint` wherever the model solves for its equilibrium.
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -115,10 +136,12 @@ def _gradient_through_equilibrium(model, x, labels, adjoint, rtol, atol):
         m = eqx.combine(p, static)
         phi, steps = free_equilibrium(m, x, rtol=rtol, atol=atol, adjoint=adjoint)
         logits = jax.vmap(m.output)(phi)
-        return jnp.mean(jax.vmap(cross_entropy)(logits, labels)), steps
+        return jnp.mean(jax.vmap(cross_entropy)(logits, labels)), (steps, phi)
 
-    (loss, steps), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, loss, steps
+    (loss, (steps, phi)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = _with_regulariser(model, grads, phi, x, key)
+    stats = dict(loss=loss, H=jnp.nan, steps=steps.astype(loss.dtype), ok=1.0)
+    return grads, stats
 
 
 class RecurrentBackprop(AbstractUpdateRule):
@@ -145,10 +168,9 @@ class RecurrentBackprop(AbstractUpdateRule):
         adjoint = optx.ImplicitAdjoint(
             linear_solver=lx.GMRES(rtol=self.rtol, atol=self.atol, restart=40)
         )
-        grads, loss, steps = _gradient_through_equilibrium(
-            model, x, labels, adjoint, self.rtol, self.atol
+        grads, stats = _gradient_through_equilibrium(
+            model, x, labels, adjoint, self.rtol, self.atol, key
         )
-        stats = dict(loss=loss, H=jnp.nan, steps=steps.astype(loss.dtype), ok=1.0)
         return grads, state, stats
 
 
@@ -173,10 +195,9 @@ class LeastControlDropIn(AbstractUpdateRule):
         return "LCP-DI (drop-in)"
 
     def __call__(self, model, state, x, labels, key):
-        grads, loss, steps = _gradient_through_equilibrium(
-            model, x, labels, self.adjoint, self.rtol, self.atol
+        grads, stats = _gradient_through_equilibrium(
+            model, x, labels, self.adjoint, self.rtol, self.atol, key
         )
-        stats = dict(loss=loss, H=jnp.nan, steps=steps.astype(loss.dtype), ok=1.0)
         return grads, state, stats
 
 
@@ -186,20 +207,26 @@ Variant = Literal["di", "kp", "lf", "ebd"]
 class LeastControl(AbstractUpdateRule):
     r"""Least-control updates through [`lcp_solvers.least_control_grad`][], one
     controlled equilibrium per example (vmapped), warm-started at the free equilibrium:
-    the LCP rows of Table 1 of Meulemans et al. (NeurIPS 2022).
+    the LCP rows of Tables 1 and 2 of Meulemans et al. (NeurIPS 2022).
 
-    The update of every parameter is `-(∂_θ f)ᵀψ*`: `ΔW = ψ_h σ(h)ᵀ`, `ΔU = ψ_h xᵀ`,
-    `ΔR = ψ_y σ(h)ᵀ`, averaged over the batch (returned negated, as a gradient).
+    The update of every parameter is `-(∂_θ f)ᵀψ*`, averaged over the batch
+    (returned negated, as a gradient) and taken as one vector-Jacobian product of
+    the batched `f`, so no per-example weight update is formed. For the
+    [`lcp_solvers.experiments.EquilibriumNetwork`][] it is `ΔW = ψ_h σ(h)ᵀ`,
+    `ΔU = ψ_h xᵀ`, `ΔR = ψ_y σ(h)ᵀ`; for a convolution, the weight gradient of the
+    convolution with `ψ` as its output error.
 
     **Arguments:**
 
     - `variant`:
         - `"di"`: dynamic inversion with the exact `(∂_φ f)ᵀψ`;
         - `"kp"`: dynamic inversion with `Wᵀ, Rᵀ` replaced by learned feedback weights
-            `S_W, S_R` (Kolen–Pollack: `ΔS = σψᵀ - γS`, `ΔW = ψσᵀ - γW`); the model
-            must be built with `feedback=True`;
+            `S_W, S_R` (Kolen–Pollack: `ΔS = σψᵀ - γS`, `ΔW = ψσᵀ - γW`; on a
+            [`lcp_solvers.experiments.ConvFeedforward`][], transposed convolutions
+            with learned kernels); the model must be built with `feedback=True`;
         - `"lf"`: linear feedback `ψ = Q u` with `Q` learned by the noise-driven rule
-            of [`lcp_solvers.linear_feedback_update`][] (see `modulate`);
+            of [`lcp_solvers.linear_feedback_update`][] (see `modulate`;
+            `EquilibriumNetwork` only);
         - `"ebd"`: energy-based dynamics at `β = 1/α`.
     - `alpha`: leak of the output controller, for the per-example loss (the paper's
         0.1 is for a batch-mean loss: at batch `B` it is `alpha = 0.1·B` here).
@@ -370,6 +397,12 @@ class LeastControl(AbstractUpdateRule):
         # average (masked with `where`, not weighted by zero) rather than followed.
         keep = ok if self.drop_failed else jnp.ones_like(ok)
         grads = _batch_update(f, params, info.phi, psi, (x, labels), keep)
+        # A weak-control update is about the gradient divided by alpha (β = 1/α for
+        # EBD): the regulariser is weighed the same, as it is against the gradient
+        # in BP/RBP.
+        known = isinstance(self.alpha, (int, float)) and self.alpha > 0
+        scale = 1 / self.alpha if known else 1.0
+        grads = _with_regulariser(model, grads, phi_free, x, key, scale)
         stats = dict(
             loss=jnp.mean(
                 jax.vmap(cross_entropy)(jax.vmap(model.output)(phi_free), labels)
@@ -522,7 +555,8 @@ def train_classifier(
     - `progress`: optional wrapper of the batch iterator, e.g. `tqdm.tqdm`.
     - `max_recurrent_norm`: if given, after every update the `"rnn"` architecture's
         recurrent weights are rescaled to spectral norm at most this (below 1, the
-        free dynamics contract: a unique, stable equilibrium for every method).
+        free dynamics contract: a unique, stable equilibrium for every method), by
+        `model.limit_recurrent_norm`; other networks are left as they are.
     - `lr_schedule`: `"constant"`, or `"cosine"` to anneal the step size along a
         cosine from `learning_rate` at the first update to a tenth of it at the
         end of the run (the paper's code's cosine option).
