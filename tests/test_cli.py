@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import subprocess
@@ -114,6 +115,14 @@ def test_unknown_option_names_the_subcommand(capsys):
     assert "Run `lcp-solvers demo --help`." in err
     assert main(["reproduce", "meta", "--bogus", "1"]) == 2
     assert "Run `lcp-solvers reproduce meta --help`." in capsys.readouterr().err
+
+
+def test_jacobian_penalty_takes_any_non_negative_number():
+    for text, value in (("0", 0.0), ("0.00", 0.0), ("0e0", 0.0), ("2.5", 2.5)):
+        assert _cli._non_negative_float(text) == value
+    for text in ("-1", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="non-negative"):
+            _cli._non_negative_float(text)
 
 
 def test_version(capsys):
