@@ -7,8 +7,9 @@ epoch, without the data loop around it.
     each rule with the settings `lcp-solvers reproduce table1` uses (alpha 10).
 
 Every rule's step (`experiments._train._train_step`: update, Adam, spectral-norm
-limit) is compiled once, then timed on the same batch from the same initial network
-(median wall time over repeats, `block_until_ready`). Reported: milliseconds per step
+limit) is compiled once, then timed on the same batch from the same initial network,
+the rules interleaved within each repeat (median wall time over repeats,
+`block_until_ready`). Reported: milliseconds per step
 and the ratio to BP/RBP. A regression in the training loop (e.g. a batch mean that
 XLA cannot fuse with the per-example outer products `ψσᵀ`) shows here as a ratio
 jump.
@@ -29,7 +30,7 @@ from lcp_solvers.experiments._train import _adam, _train_step
 from lcp_solvers_cli._cli import _initial_model
 
 
-def _time_rule(rule, model, x, y, repeats):
+def _compiled_step(rule, model, x, y):
     optim = _adam(1e-3)
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
     state = rule.init(model, jax.random.key(1))
@@ -40,13 +41,20 @@ def _time_rule(rule, model, x, y, repeats):
         jax.block_until_ready(out)
         return out
 
-    out = step()  # compile
-    times = []
+    stats = step()[3]  # compiles
+    return step, stats
+
+
+def _interleaved_medians(steps, repeats):
+    # One round times every rule once, so that a slow spell of the machine hits all
+    # rules alike rather than the ones that happened to run during it.
+    times = [[] for _ in steps]
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out[3]
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -62,18 +70,22 @@ def main():
     print("| arch | rule | ms / step | ratio to BP/RBP | solve steps |")
     print("|---|---|---|---|---|")
     for arch in args.arch:
-        base = None
+        rules, steps, stats = [], [], []
         for variant in ("rbp", "di", "kp", "lf", "ebd"):
             model, _ = _initial_model(ds, arch, 256, 0, feedback=variant == "kp")
             if variant == "rbp":
                 rule = RecurrentBackprop()
             else:
                 rule = LeastControl(variant=variant, alpha=args.alpha)
-            seconds, stats = _time_rule(rule, model, x, y, args.repeats)
-            base = seconds if base is None else base
+            step, rule_stats = _compiled_step(rule, model, x, y)
+            rules.append(rule)
+            steps.append(step)
+            stats.append(rule_stats)
+        seconds = _interleaved_medians(steps, args.repeats)
+        for rule, sec, st in zip(rules, seconds, stats):
             print(
-                f"| {arch} | {rule.name} | {1e3 * seconds:.1f} | "
-                f"{seconds / base:.2f} | {float(stats['steps']):.1f} |",
+                f"| {arch} | {rule.name} | {1e3 * sec:.1f} | "
+                f"{sec / seconds[0]:.2f} | {float(st['steps']):.1f} |",
                 flush=True,
             )
 
