@@ -100,7 +100,8 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
     ) -> _AndersonState:
         del fn, args, options, f_struct, aux_struct, tags
         flat, _ = _ravel_real(y)
-        m = self.history_length
+        # With a history of one, the mixing is the plain step: no history is kept.
+        m = 0 if self.history_length == 1 else self.history_length
         buf = jnp.zeros((m, flat.size), flat.dtype)
         return _AndersonState(
             gs=buf,
@@ -124,9 +125,23 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
         x_flat, unravel = _ravel_real(y)
         g_flat, _ = _ravel_real(g)
         g_flat = g_flat.astype(x_flat.dtype)
+        r_flat = g_flat - x_flat
+        if self.history_length == 1:
+            # Plain iteration: under `vmap` every carried buffer is copied through
+            # a select at each step, which cost as much as a 532-unit layer's step.
+            new_state = _AndersonState(
+                gs=state.gs,
+                rs=state.rs,
+                gram=state.gram,
+                count=state.count + 1,
+                relative_error=self._relative_error(r_flat, g_flat),
+            )
+            new_flat = (
+                g_flat - (1 - self.mixing) * r_flat if self.mixing != 1 else g_flat
+            )
+            return unravel(new_flat), new_state, aux
         m = self.history_length
         slot = state.count % m
-        r_flat = g_flat - x_flat
         # In-place row updates: the history is the bulk of the memory traffic.
         gs = state.gs.at[slot].set(g_flat)
         rs = state.rs.at[slot].set(r_flat)
@@ -157,13 +172,19 @@ class AndersonAcceleration(optx.AbstractFixedPointSolver):
             # x_i = g_i - r_i, so β Σα g + (1-β) Σα x = Σα g - (1-β) Σα r.
             new_flat = new_flat - (1 - self.mixing) * (alpha @ rs)
 
-        with jax.numpy_dtype_promotion("standard"):
-            scale = self.atol + self.rtol * jnp.abs(g_flat)
-            relative_error = self.norm(r_flat / scale).astype(r_flat.dtype)
         new_state = _AndersonState(
-            gs=gs, rs=rs, gram=gram, count=count, relative_error=relative_error
+            gs=gs,
+            rs=rs,
+            gram=gram,
+            count=count,
+            relative_error=self._relative_error(r_flat, g_flat),
         )
         return unravel(new_flat), new_state, aux
+
+    def _relative_error(self, r_flat, g_flat):
+        with jax.numpy_dtype_promotion("standard"):
+            scale = self.atol + self.rtol * jnp.abs(g_flat)
+            return self.norm(r_flat / scale).astype(r_flat.dtype)
 
     def terminate(
         self,
