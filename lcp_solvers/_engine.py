@@ -51,12 +51,20 @@ def control_scale(
     never be met (nor, below `√eps`, a relative one). Both terms scale with the loss,
     so the units stay invariant to the loss's scale. Zero only when `∇L(φ)` vanishes
     exactly."""
+    g, floor = _signal_and_rounding_floor(system, phi, atol)
+    g = jnp.where(g > 0, jnp.maximum(g, floor), g)
+    return _weighted(controller, g)
+
+
+def _signal_and_rounding_floor(system, phi, atol):
     g, hessian_phi = jax.jvp(system.loss_grad, (phi,), (phi,))
     g = tree_rms(g)
     eps = jnp.finfo(g.dtype).eps
     floor = jnp.maximum(jnp.sqrt(eps), 10 * eps / jnp.asarray(atol, g.dtype))
-    floor = floor * tree_rms(hessian_phi).astype(g.dtype)
-    g = jnp.where(g > 0, jnp.maximum(g, floor), g)
+    return g, floor * tree_rms(hessian_phi).astype(g.dtype)
+
+
+def _weighted(controller, g):
     w = jnp.asarray(controller.loss_weight(), g.dtype)
     return jnp.where(w > 0, g * w, g)
 
@@ -163,57 +171,98 @@ def controlled_equilibrium(
     max_steps: int,
     throw: bool,
     what: str,
+    at_rest: bool = True,
 ) -> tuple[tuple, RESULTS, Array]:
-    """The controlled equilibrium of `controller` acting on `system`, warm-started at
-    `phi0` (a free equilibrium) with the control off.
+    """The controlled equilibrium of `controller` acting on `system`, started at
+    `phi0` with the control off: a free equilibrium (`at_rest=True`) or any state.
 
     The solver works in units where the controls are divided by `control_scale(system,
     controller, phi0, atol)`, so that `rtol`/`atol` are relative to the learning signal
     whatever the loss's scale or the controller's leak. Where `∇L(phi0)` vanishes
     identically the free equilibrium is already controlled (zero control): the state
     is `phi0` with zero controls, even where a solve could not run (e.g. a failed
-    forward solve that the loss masks out).
+    forward solve that the loss masks out). Away from rest (`at_rest=False`) a
+    vanishing `∇L(phi0)` says nothing: the solve runs, and where the controls it
+    finds are much smaller than the units (1 where `∇L(phi0)` vanishes) it is
+    polished in the controls' own units.
 
     **Returns:** `(state, result, num_steps)`: the extended state `(phi, *controls)`
     in the controller's own units, a `RESULTS`, and the solver's step count. With
     `throw=True` a failure raises, its message starting with `what`.
     """
     scale = control_scale(system, controller, phi0, atol)
-    to_units, from_units = _units(scale)
-    z0 = to_units(controller.init(system, phi0))
-    no_signal = scale == 0
-    # Without a learning signal the solve runs on a silenced system (zero velocity
-    # and loss from a finite start), which is at rest at once. Not `lax.cond`: under
-    # `vmap` (a batch of examples) a cond with a per-example predicate broadcasts
-    # every closed-over operand to the batch, so each example's solve would carry
-    # its own copy of the weights (on a 512-unit network, 64 copies of every matrix
-    # read at every step: 3x the cost of the whole training step).
-    active = _silenced(system, no_signal)
-    finite_start = _where(no_signal, jtu.tree_map(jnp.zeros_like, phi0), phi0)
-    start = to_units(controller.init(active, finite_start))
+    state0 = controller.init(system, phi0)
+    if at_rest:
+        no_signal = scale == 0
+        # Without a learning signal the solve runs on a silenced system (zero
+        # velocity and loss from a finite start), which is at rest at once. Not
+        # `lax.cond`: under `vmap` (a batch of examples) a cond with a per-example
+        # predicate broadcasts every closed-over operand to the batch, so each
+        # example's solve would carry its own copy of the weights (on a 512-unit
+        # network, 64 copies of every matrix read at every step: 3x the cost of the
+        # whole training step).
+        active = _silenced(system, no_signal)
+        finite_start = _where(no_signal, jtu.tree_map(jnp.zeros_like, phi0), phi0)
+    else:
+        no_signal = jnp.array(False)
+        active, finite_start = system, phi0
 
-    def in_units(fn):
-        return lambda z: to_units(fn(active, from_units(z)))
+    def solve_in_units(scale, initial):
+        to_units, from_units = _units(scale)
 
-    problem = SteadyStateProblem(
-        in_units(controller.velocity),
-        in_units(controller.residual),
-        active,
-        controller,
-        to_units,
-        from_units,
-    )
-    z, result, steps = solver.solve(
-        problem, start, rtol=rtol, atol=atol, max_steps=max_steps
-    )
-    z = jtu.tree_map(lambda a, b: jnp.asarray(a, b.dtype), z, z0)
-    result = _map_result(start, z, result)
-    z = _where(no_signal, z0, z)
-    result = RESULTS.where(no_signal, RESULTS.successful, result)
-    steps = jnp.where(no_signal, 0, jnp.asarray(steps))
+        def in_units(fn):
+            return lambda z: to_units(fn(active, from_units(z)))
+
+        problem = SteadyStateProblem(
+            in_units(controller.velocity),
+            in_units(controller.residual),
+            active,
+            controller,
+            to_units,
+            from_units,
+        )
+        start = to_units(initial)
+        z, result, steps = solver.solve(
+            problem, start, rtol=rtol, atol=atol, max_steps=max_steps
+        )
+        z = jtu.tree_map(lambda a, b: jnp.asarray(a, b.dtype), z, start)
+        return from_units(z), _map_result(start, z, result), jnp.asarray(steps)
+
+    state, result, steps = solve_in_units(scale, controller.init(active, finite_start))
+    if not at_rest and len(state0) > 1:
+        # Away from rest, `∇L(phi0)` only estimates the controls' scale: where the
+        # controls found are much smaller (e.g. `∇L(phi0) = 0`, or a start far from
+        # a well-fitted equilibrium), the tolerances were loose relative to them.
+        # Polish in their own units from there; the others are converged already
+        # and stop after one step.
+        # Not below the rounding level of ∇L at the state found (`control_scale`),
+        # nor below that of the state itself: a control is the difference of
+        # velocities of the state's size (`ψ = -f(φ)` at rest), so it is not
+        # resolved below `eps·rms(φ)`, and in smaller units `|r| < atol` could not
+        # be met.
+        _, floor = _signal_and_rounding_floor(active, state[0], atol)
+        found = tree_rms(state[1:])
+        eps = jnp.finfo(found.dtype).eps
+        state_floor = 10 * eps * tree_rms(state[0]).astype(found.dtype) / atol
+        floor = jnp.maximum(
+            _weighted(controller, floor).astype(found.dtype), state_floor
+        )
+        found = jnp.maximum(found, floor)
+        safe = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(
+            found.dtype
+        )
+        polish = (result == RESULTS.successful) & (found > 0) & (found < safe / 4)
+        polished, result2, steps2 = solve_in_units(
+            jnp.where(polish, found, scale), state
+        )
+        state = _where(polish, polished, state)
+        result = RESULTS.where(polish, result2, result)
+        steps = steps + jnp.where(polish, steps2, 0)
+    state = _where(no_signal, state0, state)
+    result = RESULTS.where(no_signal, RESULTS.successful, result)  # pyright: ignore
+    steps = jnp.where(no_signal, 0, steps)
     start_finite = tree_allfinite(phi0)
     result = RESULTS.where(start_finite | no_signal, result, RESULTS.nonfinite_start)
-    state = from_units(z)
     if throw:
         state = _raise(result, state, solver=solver, what=what)
     return state, result, steps

@@ -9,7 +9,7 @@ from jaxtyping import Array, PyTree, Scalar
 
 from ._controller import AbstractController, DynamicInversion
 from ._engine import controlled_equilibrium, free_equilibrium, resolve_tolerances
-from ._inner_solver import as_inner_solver, InnerSolver
+from ._inner_solver import as_inner_solver, default_solver, InnerSolver
 from ._misc import (
     check_max_steps,
     check_tolerances,
@@ -35,7 +35,14 @@ class LeastControlInfo(eqx.Module):
     - `loss_free`, `loss_controlled`: the loss at the free and controlled equilibria.
     - `num_steps`: steps of the controlled solve.
     - `num_steps_free`: steps of the free solve.
-    - `result`: an [`lcp_solvers.RESULTS`][] item, `RESULTS.successful` on success.
+    - `result`: an [`lcp_solvers.RESULTS`][] item for the controlled solve (the one
+        the update comes from), `RESULTS.successful` on success.
+    - `free_result`: `RESULTS.successful`, or `RESULTS.free_equilibrium_failed`
+        where the free solve failed (then `phi_free` and `loss_free` are undefined).
+
+    The free equilibrium is solved separately from `phi0`, for these fields only:
+    under `jax.jit` it costs nothing when `phi_free`, `loss_free`,
+    `num_steps_free` and `free_result` are not used.
     """
 
     phi: PyTree[Array]
@@ -48,6 +55,7 @@ class LeastControlInfo(eqx.Module):
     num_steps: Array
     num_steps_free: Array
     result: RESULTS
+    free_result: RESULTS
 
 
 def _struct(tree):
@@ -99,7 +107,9 @@ def _check_arguments(
             f"{type(controller).__name__}."
         )
     _check_structures(f, loss, theta, phi0, args, controller)
-    return as_inner_solver(solver, name)
+    # `None` stays `None`: the default depends on the tolerances, known only once
+    # `phi0`'s dtype is (`_least_control_solve`).
+    return None if solver is None else as_inner_solver(solver, name)
 
 
 def _check_finite(theta, phi0, args, name):
@@ -121,51 +131,67 @@ def _check_finite(theta, phi0, args, name):
 def _least_control_solve(
     f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps, throw, name
 ) -> LeastControlInfo:
-    """The free and controlled solves shared by `least_control_grad` and
-    `least_control_objective`: both through the one engine."""
+    """The solves shared by `least_control_grad` and `least_control_objective`, both
+    through the one engine: the controlled equilibrium straight from `phi0` (one
+    phase), and the free equilibrium for `info` only.
+
+    Nothing the update depends on reads the free solve, so under `jit` it is not
+    computed unless `info.phi_free`, `info.loss_free`, `info.num_steps_free` or
+    `info.free_result` is used (on an equilibrium RNN started from zero, the
+    controlled solve alone took as many steps as the free one)."""
     phi0 = jtu.tree_map(jnp.asarray, phi0)
     if throw:
         phi0 = _check_finite(theta, phi0, args, name)
     rtol, atol = resolve_tolerances(rtol, atol, phi0)
-    system = ControlledSystem(f, loss, theta, args, None)
-    phi_free, free_result, free_steps = free_equilibrium(
-        system, solver, phi0, rtol=rtol, atol=atol, max_steps=max_steps
-    )
-    system = ControlledSystem(f, loss, theta, args, output_mask(loss, phi_free, args))
+    if solver is None:
+        solver = default_solver(controller, phi0, rtol, atol)
+    system = ControlledSystem(f, loss, theta, args, output_mask(loss, phi0, args))
     state, result, steps = controlled_equilibrium(
         system,
         controller,
         solver,
-        phi_free,
+        phi0,
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
         throw=False,
         what=f"`{name}`",
+        at_rest=False,
     )
     phi, psi, u = controller.unpack(system, state)
-    # A failed free solve is the cause whatever the controlled solve did after it.
-    result = RESULTS.where(
-        free_result == RESULTS.successful, result, RESULTS.free_equilibrium_failed
+    phi_free, free_result, free_steps = free_equilibrium(
+        system, solver, phi0, rtol=rtol, atol=atol, max_steps=max_steps
+    )
+    free_diverged = free_result == RESULTS.control_divergence
+    free_result = RESULTS.where(
+        free_result == RESULTS.successful,
+        free_result,
+        RESULTS.free_equilibrium_failed,
     )
     if throw:
-        free_diverged = free_result == RESULTS.control_divergence
         messages = [
-            f"`{name}`: the free dynamics f diverged under the solver "
-            f"{solver.name()} before any control was applied (non-finite or "
-            "exploding state). f is unstable at this theta (its equilibrium repels) "
-            f"or the solver is: {solver.divergence_hint()}.",
             f"`{name}`: the controlled dynamics of {type(controller).__name__} "
             f"diverged under the solver {solver.name()} (non-finite or exploding "
-            "state or control). The control is too strong for this solver: "
-            f"{solver.divergence_hint()}.",
+            "state or control). The control is too strong for this solver, or the "
+            "free dynamics f are unstable at this theta (then every controller "
+            f"diverges): {solver.divergence_hint()}.",
         ] + list(RESULTS._index_to_message)  # pyright: ignore
-        index = jnp.where(
-            free_diverged,
-            0,
-            jnp.where(result == RESULTS.control_divergence, 1, 2 + result._value),
-        )
+        index = jnp.where(result == RESULTS.control_divergence, 0, 1 + result._value)
         psi = tree_error_if(psi, result != RESULTS.successful, index, messages)
+        # Raised only where the free equilibrium is used (the check goes with it
+        # when `jit` drops an unused free solve), and only after a successful
+        # controlled solve, whose failure is the one to report.
+        free_messages = [
+            f"`{name}`: the free dynamics f diverged under the solver "
+            f"{solver.name()} (non-finite or exploding state), so `info.phi_free` "
+            "and `info.loss_free` are undefined. f is unstable at this theta (its "
+            f"equilibrium repels) or the solver is: {solver.divergence_hint()}.",
+            RESULTS[RESULTS.free_equilibrium_failed],
+        ]
+        failed = (result == RESULTS.successful) & (free_result != RESULTS.successful)
+        phi_free = tree_error_if(
+            phi_free, failed, jnp.where(free_diverged, 0, 1), free_messages
+        )
     leaves = jtu.tree_leaves(psi)
     control = 0.5 * sum(jnp.sum(jnp.square(jnp.abs(x))) for x in leaves)
     return LeastControlInfo(
@@ -179,6 +205,7 @@ def _least_control_solve(
         num_steps=steps,
         num_steps_free=free_steps,
         result=result,
+        free_result=free_result,
     )
 
 
@@ -199,10 +226,10 @@ def least_control_grad(
 ) -> tuple[PyTree, LeastControlInfo]:
     r"""The least-control update of `theta` for the dynamics `f` and loss `loss`.
 
-    Finds the free equilibrium `f(φ, θ) = 0` from `phi0`, then, warm-started there,
-    the controlled equilibrium `(φ⋆, ψ⋆)` of `controller` (the least control `ψ` that
-    holds the state at a minimum of the loss, or of `½‖f‖² + L/α` for a leaky
-    controller), and returns
+    Finds the controlled equilibrium `(φ⋆, ψ⋆)` of `controller` (the least control
+    `ψ` that holds the state at a minimum of the loss, or of `½‖f‖² + L/α` for a
+    leaky controller) in one phase, the controller acting from `phi0` on, and
+    returns
 
     $$\text{grad} = -(∂_θ f(φ⋆, θ))^\top ψ⋆,$$
 
@@ -211,28 +238,38 @@ def least_control_grad(
     equilibrium. For the equilibrium RNN `f = -φ + Wσ(φ) + Ux` it is the local rule
     `-grad_W = ψ σ(φ)ᵀ`. A batch of samples is a `jax.vmap` over `phi0`/`args`.
 
+    The free equilibrium `f(φ, θ) = 0` is not needed for the update. It is solved
+    from `phi0` for `info.phi_free`/`loss_free`/`num_steps_free`/`free_result`
+    only, and under `jax.jit` not at all when those are not used.
+
     **Arguments:**
 
     - `f`: the free velocity field `f(phi, theta, args)`, with `phi`'s structure. A
         fixed-point layer `phi = T(phi, theta)` is `f = T - phi`.
     - `loss`: `loss(phi, args)`, a scalar. `u` lives on the components where it
-        depends on `phi` (detected at the free equilibrium: nonzero gradient or
-        Hessian probe).
+        depends on `phi` (detected at `phi0`: nonzero gradient or Hessian probe).
     - `theta`: the parameters, any pytree; `grad` has its structure (`None` where
         `theta` has no inexact arrays).
-    - `phi0`: the initial guess of the free equilibrium.
+    - `phi0`: where the dynamics start (e.g. zeros, or the last free equilibrium);
+        the controls start at zero.
     - `args`: anything else (e.g. the input `x` and the target), passed to `f` and
         `loss`.
     - `controller`: [`lcp_solvers.DynamicInversion`][] (default, `alpha=0.1`),
         [`lcp_solvers.EnergyBased`][], [`lcp_solvers.LinearFeedback`][], or any
         [`lcp_solvers.AbstractController`][].
     - `solver`: how both equilibria are found.
-        - `None` (default): `optx.Newton` with a dense LU solve on the steady-state
-          equations; converges in a few steps for any `alpha >= 0`. A root finder
-          finds an equilibrium whatever its stability: it does not check that the
-          free dynamics attract (a solver that follows the dynamics,
-          `DiscreteTime`/`IMEX`/`ContinuousTime`, reports an unstable `f` as
-          divergence).
+        - `None` (default): for states of more than 16 scalars and
+          [`lcp_solvers.DynamicInversion`][] or [`lcp_solvers.EnergyBased`][]
+          (controllers with the IMEX capability),
+          `lcp.IMEX(solver=lcp.AndersonAcceleration(rtol, atol, history_length=3))`
+          (`step_size=0.5` for `EnergyBased`):
+          no Jacobian is formed, each step costs one `f` and one transposed
+          product. It is meant for maps `φ ↦ φ + f(φ)` that contract, as for a
+          fixed-point layer `f = T - φ` with a contracting `T` (convergence on
+          random contractive layers: docs/least_control.md). For small states
+          and other controllers, `optx.Newton` with a dense LU solve,
+          which finds an equilibrium whatever its stability (it does not check
+          that the dynamics attract).
         - any `optx.AbstractRootFinder` (e.g. `optx.Newton(rtol, atol,
           linear_solver=lx.GMRES(...))` for Newton–Krylov on large states).
         - [`lcp_solvers.DiscreteTime`][]`(step_size, solver)`: Euler/Picard iteration
@@ -247,16 +284,20 @@ def least_control_grad(
         - any [`lcp_solvers.AbstractInnerSolver`][].
     - `rtol`, `atol`: tolerances of both solves (ignored by a `solver` that carries
         its own). `None` is `1e-8` for a float64 state and `1e-5` for float32 or
-        lower precision. The controls are solved for in units of their scale at the
-        free equilibrium (`rms(∇L)/α` for a leaky controller, `rms(∇L)` for
-        `alpha = 0`), so the tolerances are relative to the learning signal
-        whatever the loss's scale or `alpha`.
+        lower precision. The controls are solved for in units of their scale at
+        `phi0` (`rms(∇L)/α` for a leaky controller, `rms(∇L)` for `alpha = 0`; 1
+        where `∇L(phi0)` vanishes), so the tolerances are relative to the learning
+        signal whatever the loss's scale or `alpha`. Started at the free
+        equilibrium, that is the signal the update carries; from a start where
+        the loss is larger (e.g. zeros for a well-fitted example) the update is
+        accurate relative to that larger signal.
     - `max_steps`: the most steps of each solve.
     - `throw`: if `True`, a failed solve raises an error saying what to change
         (divergence names the controller and the solver; a non-finite `theta`,
         `phi0` or `args` is named). If `False`, the failure is reported in
-        `info.result` and `grad` is the best estimate. Where `∇L` vanishes at the
-        free equilibrium the update is exactly zero and no controlled solve runs.
+        `info.result` and `grad` is the best estimate. A failed free solve (the
+        `info` fields above) raises only where they are used, and only after a
+        successful controlled solve.
 
     **Returns:**
 
@@ -270,9 +311,10 @@ def least_control_grad(
         `lcp.IMEX` with a controller that lacks the IMEX capability (e.g.
         `LinearFeedback`), a controller's own argument checks (e.g. `Q`'s shape).
     - `EquinoxRuntimeError` (from `equinox.error_if`; with `throw=True`): a
-        non-finite `theta`, `phi0` or `args` (named), or a failed solve:
-        `RESULTS.free_equilibrium_failed`, `control_max_steps_reached` or
-        `control_divergence`, each message saying what to change.
+        non-finite `theta`, `phi0` or `args` (named), a failed controlled solve
+        (`RESULTS.control_max_steps_reached` or `control_divergence`), or, where
+        `info.phi_free` or `info.loss_free` is used, a failed free solve
+        (`RESULTS.free_equilibrium_failed`), each message saying what to change.
     """
     inner = _check_arguments(
         f, loss, theta, phi0, args, controller, solver, rtol, atol, max_steps,

@@ -27,13 +27,14 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
     )
     nonfinite_start = (
         "The equilibrium that the least-control solve starts from contains inf or "
-        "NaN, so there is nothing to control: the forward (free) solve failed. Run "
-        "it with `throw=True` to see why, raise its `max_steps`, or check its "
-        "inputs."
+        "NaN, so there is nothing to control: the forward (free) solve failed (or, "
+        "for `least_control_grad`/`least_control_objective`, `phi0` is not "
+        "finite). Run it with `throw=True` to see why, raise its `max_steps`, or "
+        "check its inputs."
     )
     free_equilibrium_failed = (
         "`least_control_grad`/`least_control_objective` could not find the free "
-        "equilibrium f(phi, theta) = 0 that the controlled solve starts from. Check "
-        "that the free dynamics are stable at this theta, raise `max_steps`, or pass "
-        "a better `phi0`."
+        "equilibrium f(phi, theta) = 0 reported in `info.phi_free` (the update "
+        "does not depend on it). Check that the free dynamics are stable at this "
+        "theta, raise `max_steps`, or pass a better `phi0`."
     )

@@ -52,10 +52,12 @@ class ControlledSystem(eqx.Module):
 
 
 def output_mask(loss: Callable, phi: PyTree[Array], args: PyTree) -> PyTree[Array]:
-    """1 where the loss depends on the state, 0 elsewhere, detected at `phi`.
+    """1 where the loss depends on the state, 0 elsewhere, detected around `phi`.
 
     A component is an output if its loss gradient or a generic Hessian probe is
-    nonzero there; components the loss never reads have both identically zero.
+    nonzero at `phi` or at `phi` shifted by the probe either way; components the
+    loss never reads have both identically zero. The shifted points catch losses
+    flat at `phi` itself (e.g. a loss on `relu(phi)` at `phi = 0`, a common start).
     """
     grad = jax.grad(lambda p: loss(p, args))
     # A fixed, generic probe (a low-discrepancy sequence in [0.5, 1.5)): no exact
@@ -68,7 +70,9 @@ def output_mask(loss: Callable, phi: PyTree[Array], args: PyTree) -> PyTree[Arra
         ),
         phi,
     )
-    g, hp = jax.jvp(grad, (phi,), (probe,))
-    return jtu.tree_map(
-        lambda a, b: ((a != 0) | (b != 0)).astype(jnp.real(a).dtype), g, hp
-    )
+    mask = jtu.tree_map(lambda x: jnp.zeros(x.shape, bool), phi)
+    for sign in (0.0, 1.0, -1.0):
+        point = jtu.tree_map(lambda x, p, c=sign: x + c * p, phi, probe)
+        g, hp = jax.jvp(grad, (point,), (probe,))
+        mask = jtu.tree_map(lambda m, a, b: m | (a != 0) | (b != 0), mask, g, hp)
+    return jtu.tree_map(lambda m, x: m.astype(jnp.real(x).dtype), mask, phi)

@@ -625,6 +625,8 @@ SOLVERS = {
     s.id: s
     for s in [
         SolverCase("newton", lambda: None, 1e-12, 256),
+        # The default beyond small states (`lcp_solvers._inner_solver.default_solver`).
+        SolverCase("imex-anderson", lambda: _imex_anderson(1e-12), 1e-12, 4096),
         SolverCase("imex", lambda: _lcp().IMEX(), 1e-12, 4096),
         SolverCase(
             "anderson",
@@ -637,6 +639,11 @@ SOLVERS = {
         SolverCase("continuous", lambda: _lcp().ContinuousTime(), 1e-9, 8192),
     ]
 }
+
+
+def _imex_anderson(tol):
+    lcp = _lcp()
+    return lcp.IMEX(solver=lcp.AndersonAcceleration(tol, tol, history_length=3))
 
 
 def _jax_version() -> tuple[int, ...]:

@@ -327,7 +327,8 @@ def test_imex_divergence():
     _, info = lcp.least_control_grad(
         _f, _loss, _theta0, jnp.zeros(N), _args0, throw=False, **kwargs
     )
-    assert info.result == lcp.RESULTS.free_equilibrium_failed
+    assert info.result == lcp.RESULTS.control_divergence
+    assert info.free_result == lcp.RESULTS.free_equilibrium_failed
 
 
 @pytest.mark.slow
@@ -443,14 +444,16 @@ def test_error_divergence():
         _f, _loss, _theta0, jnp.zeros(N), _args0, throw=False, **kwargs
     )
     assert info.result == lcp.RESULTS.control_divergence
-    # Unstable free dynamics: the free solve already blows up.
+    # Unstable free dynamics: every controller diverges with them, and the message
+    # says that this may be why.
     unstable = lambda p, t, a: p - 1.0
-    with pytest.raises(Exception, match=r"free dynamics f diverged under the solver"):
+    with pytest.raises(Exception, match=r"or the free dynamics f are unstable"):
         lcp.least_control_grad(unstable, _loss, None, jnp.zeros(N), _args0, **kwargs)
     _, info = lcp.least_control_grad(
         unstable, _loss, None, jnp.zeros(N), _args0, throw=False, **kwargs
     )
-    assert info.result == lcp.RESULTS.free_equilibrium_failed
+    assert info.result == lcp.RESULTS.control_divergence
+    assert info.free_result == lcp.RESULTS.free_equilibrium_failed
 
 
 def test_error_max_steps():
@@ -461,14 +464,61 @@ def test_error_max_steps():
         _f, _loss, _theta0, jnp.zeros(N), _args0, throw=False, **kwargs
     )
     assert info.result == lcp.RESULTS.control_max_steps_reached
-    # Too few steps for the free equilibrium itself.
-    kwargs["max_steps"] = 20
-    with pytest.raises(Exception, match=r"could not find the free equilibrium"):
-        lcp.least_control_grad(_f, _loss, _theta0, jnp.zeros(N), _args0, **kwargs)
-    _, info = lcp.least_control_grad(
-        _f, _loss, _theta0, jnp.zeros(N), _args0, throw=False, **kwargs
+
+
+# f(φ) = -φ² - θ has no root for θ > 0, but with DI (alpha = 0.1) and
+# L = ½(φ - 1)² the controlled equilibrium exists: ψ = φ² + θ, 2φψ = -(φ - 1)/α.
+def _no_root(phi, theta, args):
+    return -(phi**2) - theta
+
+
+def _half_square(phi, args):
+    return 0.5 * (phi - 1.0) ** 2
+
+
+def test_update_without_free_equilibrium():
+    theta = jnp.array(1.0)
+    kwargs = dict(controller=lcp.DynamicInversion(alpha=0.1), rtol=1e-12, atol=1e-12)
+    grad, info = lcp.least_control_grad(
+        _no_root, _half_square, theta, jnp.zeros(()), throw=False, **kwargs
     )
-    assert info.result == lcp.RESULTS.free_equilibrium_failed
+    # The real root of 2φ(φ² + 1) + 10(φ - 1) = 0, and -(∂θ f)ᵀψ = ψ = φ² + 1.
+    roots = np.roots([2.0, 0.0, 12.0, -10.0])
+    phi = float(roots[np.abs(roots.imag) < 1e-12].real[0])
+    assert info.result == lcp.RESULTS.successful
+    assert info.free_result == lcp.RESULTS.free_equilibrium_failed
+    assert abs(float(info.phi) - phi) < 1e-11  # measured 3.6e-12
+    assert abs(float(grad) - (phi**2 + 1)) < 1e-11
+    # Raised where the free equilibrium is returned ...
+    with pytest.raises(Exception, match=r"could not find the free equilibrium"):
+        lcp.least_control_grad(_no_root, _half_square, theta, jnp.zeros(()), **kwargs)
+
+    # ... but not where only the update is used: the free solve is then not run.
+    @jax.jit
+    def update(theta):
+        g, _ = lcp.least_control_grad(
+            _no_root, _half_square, theta, jnp.zeros(()), **kwargs
+        )
+        return g
+
+    assert float(update(theta)) == float(grad)
+
+
+def test_free_solve_runs_only_for_info():
+    # The compiled update holds one solve (one while loop per solve and Newton's
+    # inner loops alike); asking for `info.phi_free` adds the free solve's.
+    theta, args = _problem()
+
+    def run(with_free):
+        def fn(theta):
+            g, info = lcp.least_control_grad(_f, _loss, theta, jnp.zeros(N), args)
+            return (g, info.phi_free) if with_free else g
+
+        text = jax.jit(fn).lower(theta).compile().as_text()
+        return text.count(" while(")
+
+    without, with_free = run(False), run(True)
+    assert with_free > without > 0
 
 
 def test_error_structures():
@@ -502,3 +552,44 @@ def test_static_theta_leaves():
     assert grad["name"] is None
     ref, _ = lcp.least_control_grad(_f, _loss, _theta0, jnp.zeros(N), _args0)
     assert_tree_close(eqx.filter(grad, eqx.is_array), ref, 1e-12)
+
+
+def _relu_loss(phi, y):
+    return 0.5 * jnp.sum((jax.nn.relu(phi[-M:]) - y) ** 2)
+
+
+def test_outputs_detected_where_the_loss_is_flat_at_the_start():
+    # A loss on relu(φ) has zero gradient and Hessian at φ0 = 0: the outputs are
+    # still found, so the update is the one from a start off zero (with the mask
+    # taken at φ0 alone it was 0 here).
+    theta, args = _problem()
+    theta = dict(theta, b=theta["b"] + 1.0)
+    y = jnp.array([2.0, 3.0])
+    f = lambda p, t, a: _f(p, t, args)
+    kwargs = dict(controller=lcp.DynamicInversion(alpha=0.1), rtol=1e-12, atol=1e-12)
+    grad, _ = lcp.least_control_grad(f, _relu_loss, theta, jnp.zeros(N), y, **kwargs)
+    ref, _ = lcp.least_control_grad(
+        f, _relu_loss, theta, jnp.full(N, 0.01), y, **kwargs
+    )
+    assert float(jnp.max(jnp.abs(ref["W"]))) > 0.1
+    assert tree_rel_error(grad, ref) < 1e-9
+
+
+def test_tolerances_relative_to_the_controls_when_the_start_has_no_signal():
+    # Targets equal to the outputs at φ0 = 0: ∇L(φ0) = 0, so the start says nothing
+    # about the controls' size (1e-6 here at alpha = 1e6); they are still solved to
+    # the tolerance relative to themselves.
+    theta, args = _problem()
+    y = jnp.zeros(M)
+    controller = lcp.DynamicInversion(alpha=1e6)
+    newton = optx.Newton(rtol=1e-13, atol=1e-13)
+    # The default beyond small states (here the default is Newton, exact anyway).
+    solver = lcp.IMEX(solver=lcp.AndersonAcceleration(1e-8, 1e-8, history_length=3))
+    grad, ref = (
+        lcp.least_control_grad(
+            _f, _loss, theta, jnp.zeros(N), dict(args, y=y), controller=controller,
+            solver=s,
+        )[0]
+        for s in (solver, newton)
+    )  # fmt: skip
+    assert tree_rel_error(grad, ref) < 1e-7  # default tolerance 1e-8

@@ -240,8 +240,7 @@ class LeastControl(AbstractUpdateRule):
         net the plain iteration oscillates): `lcp.IMEX` for `"di"` and `"kp"`,
         `lcp.IMEX(step_size=0.5)` for `"ebd"` (its explicit part is a gradient step
         on `½‖f‖²`), and `lcp.DiscreteTime(step_size)` for `"lf"`, which IMEX does
-        not support. All are far cheaper here than the dense Newton default of
-        `least_control_grad`.
+        not support.
     - `step_size`, `history_length`: of those default solvers (`step_size` for
         `"lf"` only).
     - `rtol`, `atol`: tolerances of the controlled solve. `None` (default) means
