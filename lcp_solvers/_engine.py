@@ -64,6 +64,25 @@ def _signal_and_rounding_floor(system, phi, atol):
     return g, floor * tree_rms(hessian_phi).astype(g.dtype)
 
 
+def polished_scale(
+    system: ControlledSystem,
+    controller: AbstractController,
+    state: tuple,
+    atol: float,
+) -> Array:
+    """The controls' own scale at a controlled `state` found away from rest:
+    `rms(controls)`, kept above the rounding level of `∇L` (as in `control_scale`)
+    and of the state itself (a control is a difference of velocities of the
+    state's size, `ψ = -f(φ)` at rest, so it is not resolved below `eps·rms(φ)`,
+    and in smaller units `|r| < atol` could not be met)."""
+    _, floor = _signal_and_rounding_floor(system, state[0], atol)
+    found = tree_rms(state[1:])
+    eps = jnp.finfo(found.dtype).eps
+    state_floor = 10 * eps * tree_rms(state[0]).astype(found.dtype) / atol
+    floor = jnp.maximum(_weighted(controller, floor).astype(found.dtype), state_floor)
+    return jnp.maximum(found, floor)
+
+
 def _weighted(controller, g):
     w = jnp.asarray(controller.loss_weight(), g.dtype)
     return jnp.where(w > 0, g * w, g)
@@ -235,19 +254,7 @@ def controlled_equilibrium(
         # a well-fitted equilibrium), the tolerances were loose relative to them.
         # Polish in their own units from there; the others are converged already
         # and stop after one step.
-        # Not below the rounding level of ∇L at the state found (`control_scale`),
-        # nor below that of the state itself: a control is the difference of
-        # velocities of the state's size (`ψ = -f(φ)` at rest), so it is not
-        # resolved below `eps·rms(φ)`, and in smaller units `|r| < atol` could not
-        # be met.
-        _, floor = _signal_and_rounding_floor(active, state[0], atol)
-        found = tree_rms(state[1:])
-        eps = jnp.finfo(found.dtype).eps
-        state_floor = 10 * eps * tree_rms(state[0]).astype(found.dtype) / atol
-        floor = jnp.maximum(
-            _weighted(controller, floor).astype(found.dtype), state_floor
-        )
-        found = jnp.maximum(found, floor)
+        found = polished_scale(active, controller, state, atol)
         safe = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(
             found.dtype
         )

@@ -137,8 +137,7 @@ def _least_control_solve(
 
     Nothing the update depends on reads the free solve, so under `jit` it is not
     computed unless `info.phi_free`, `info.loss_free`, `info.num_steps_free` or
-    `info.free_result` is used (on an equilibrium RNN started from zero, the
-    controlled solve alone took as many steps as the free one)."""
+    `info.free_result` is used."""
     phi0 = jtu.tree_map(jnp.asarray, phi0)
     if throw:
         phi0 = _check_finite(theta, phi0, args, name)
@@ -247,7 +246,8 @@ def least_control_grad(
     - `f`: the free velocity field `f(phi, theta, args)`, with `phi`'s structure. A
         fixed-point layer `phi = T(phi, theta)` is `f = T - phi`.
     - `loss`: `loss(phi, args)`, a scalar. `u` lives on the components where it
-        depends on `phi` (detected at `phi0`: nonzero gradient or Hessian probe).
+        depends on `phi` (detected around `phi0`: nonzero gradient or Hessian
+        probe at `phi0` and at two shifted points).
     - `theta`: the parameters, any pytree; `grad` has its structure (`None` where
         `theta` has no inexact arrays).
     - `phi0`: where the dynamics start (e.g. zeros, or the last free equilibrium);
@@ -287,10 +287,9 @@ def least_control_grad(
         lower precision. The controls are solved for in units of their scale at
         `phi0` (`rms(∇L)/α` for a leaky controller, `rms(∇L)` for `alpha = 0`; 1
         where `∇L(phi0)` vanishes), so the tolerances are relative to the learning
-        signal whatever the loss's scale or `alpha`. Started at the free
-        equilibrium, that is the signal the update carries; from a start where
-        the loss is larger (e.g. zeros for a well-fitted example) the update is
-        accurate relative to that larger signal.
+        signal whatever the loss's scale or `alpha`. Where the controls found are
+        much smaller than those units, the solve is polished in the controls' own
+        units (down to the rounding level of the state; docs/architecture.md).
     - `max_steps`: the most steps of each solve.
     - `throw`: if `True`, a failed solve raises an error saying what to change
         (divergence names the controller and the solver; a non-finite `theta`,
