@@ -220,7 +220,7 @@ def least_control_grad(
     solver: InnerSolver | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    max_steps: int = 256,
+    max_steps: int = 1024,
     throw: bool = True,
 ) -> tuple[PyTree, LeastControlInfo]:
     r"""The least-control update of `theta` for the dynamics `f` and loss `loss`.
@@ -290,7 +290,10 @@ def least_control_grad(
         signal whatever the loss's scale or `alpha`. Where the controls found are
         much smaller than those units, the solve is polished in the controls' own
         units (down to the rounding level of the state; docs/architecture.md).
-    - `max_steps`: the most steps of each solve.
+    - `max_steps`: the most steps of each solve. The default is higher than
+        optimistix's 256: on random contractive layers with a cross-entropy loss at
+        `alpha = 1e-3` about 1 sample in 1000 needs 256-500 steps (the median is 42);
+        a solve stops as soon as it converges, so the bound costs nothing elsewhere.
     - `throw`: if `True`, a failed solve raises an error saying what to change
         (divergence names the controller and the solver; a non-finite `theta`,
         `phi0` or `args` is named). If `False`, the failure is reported in
@@ -462,7 +465,7 @@ def least_control_objective(
     solver: InnerSolver | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    max_steps: int = 256,
+    max_steps: int = 1024,
     throw: bool = True,
 ) -> tuple[Scalar, LeastControlInfo]:
     r"""The least-control objective as a differentiable function of `theta`, so that
