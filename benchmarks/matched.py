@@ -245,8 +245,9 @@ def main():
             f"{s:g}: {r:.2f}x" for s, r in zip(args.strengths, ratios, strict=True)
         )
         print(f"  {family} d={width} batch={batch}: {shown}")
-    worst = np.max([r for *_, rs in summary for r in rs[:1]])
-    print(f"worst ratio at strength {args.strengths[0]:g}: {worst:.2f}x")
+    if summary:
+        worst = max(ratios[0] for *_, ratios in summary)
+        print(f"worst ratio at strength {args.strengths[0]:g}: {worst:.2f}x")
 
 
 if __name__ == "__main__":
