@@ -409,19 +409,29 @@ def _initial_model(dataset, arch, hidden, seed, feedback):
     import jax
     import jax.numpy as jnp
 
-    from lcp_solvers.experiments import EquilibriumNetwork
+    from lcp_solvers.experiments import EquilibriumNetwork, Feedforward
 
-    sizes = (hidden, hidden) if arch == "ff" else (hidden,)
     key_model, key_train = jax.random.split(jax.random.key(seed))
-    model = EquilibriumNetwork(
-        dataset.x_train.shape[1],
-        dataset.num_classes,
-        sizes,
-        arch,
-        key=key_model,
-        feedback=feedback,
-        dtype=jnp.float32,
-    )
+    in_size, classes = dataset.x_train.shape[1], dataset.num_classes
+    if arch == "ff":
+        # The paper's 2-layer net, computed layer by layer.
+        model = Feedforward(
+            in_size,
+            classes,
+            (hidden, hidden),
+            key=key_model,
+            feedback=feedback,
+            dtype=jnp.float32,
+        )
+    else:
+        model = EquilibriumNetwork(
+            in_size,
+            classes,
+            hidden,
+            key=key_model,
+            feedback=feedback,
+            dtype=jnp.float32,
+        )
     return model, key_train
 
 

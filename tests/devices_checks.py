@@ -202,8 +202,7 @@ def main():
         model = ex.EquilibriumNetwork(
             dataset.x_train.shape[1],
             dataset.num_classes,
-            (16,),
-            "rnn",
+            16,
             key=jax.random.key(1),
             dtype=jnp.float64,
         )

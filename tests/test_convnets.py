@@ -300,7 +300,7 @@ def test_bad_conv_model_arguments():
         ConvFeedforward((1, 8, 8), 3, channels=(), key=key)
     with pytest.raises(ValueError, match="groups"):
         ConvDEQ((1, 8, 8), 3, channels=6, hidden=8, groups=4, key=key)
-    with pytest.raises(ValueError, match="for `EquilibriumNetwork` only"):
+    with pytest.raises(ValueError, match="for `EquilibriumNetwork` and `Feedforward`"):
         LeastControl(variant="lf").init(_ff(), key)
     with pytest.raises(ValueError, match="feedback=True"):
         LeastControl(variant="kp").init(_ff(), key)

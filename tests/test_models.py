@@ -11,6 +11,7 @@ from lcp_solvers.experiments import (
     ComplexSynapseLearner,
     cross_entropy,
     EquilibriumNetwork,
+    Feedforward,
     free_equilibrium,
     init_mlp,
     LeastControl,
@@ -39,26 +40,48 @@ def _loss_unrolled(model, x, labels, iters=200):
     return jnp.mean(jax.vmap(cross_entropy)(y, labels))
 
 
-@pytest.mark.slow
-def test_ff_masks_make_a_feedforward_pass():
-    model = EquilibriumNetwork(6, 3, (4, 5), "ff", key=jax.random.key(0))
+def _masked_dense_velocity(model, phi, x):
+    # The layered network written the masked-dense way (one block-lower-triangular
+    # W over all hidden units): an independent computation of its velocity field.
+    w1, w2, r = (layer.weight for layer in model._layers())
+    b1, b2, c = (layer.bias for layer in model._layers())
+    n1, n2 = w1.shape[0], w2.shape[0]
+    w = jnp.zeros((n1 + n2, n1 + n2)).at[n1:, :n1].set(w2)
+    u = jnp.zeros((n1 + n2, x.shape[0])).at[:n1].set(w1)
+    r_full = jnp.zeros((r.shape[0], n1 + n2)).at[:, n1:].set(r)
+    h = jnp.concatenate(phi[:2])
+    s = jnp.tanh(h)
+    dh = -h + w @ s + u @ x + jnp.concatenate([b1, b2])
+    return dh[:n1], dh[n1:], -phi[2] + r_full @ s + c
+
+
+def test_feedforward_is_the_masked_dense_network_computed_by_layers():
+    model = Feedforward(6, 3, (4, 5), key=jax.random.key(0))
+    model = jtu.tree_map(  # nonzero biases, so that they are checked too
+        lambda a: a + 0.1 * jax.random.normal(jax.random.key(9), a.shape), model
+    )
     x, _ = _batch(jax.random.key(1))
-    (h, y), _ = free_equilibrium(model, x)
-    w, u = model.W, model.U
-    h1 = x @ u[:4].T  # only layer 1 sees x; b = 0 at initialisation
-    h2 = jnp.tanh(h1) @ w[4:, :4].T
-    np.testing.assert_allclose(h[:, :4], h1, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(h[:, 4:], h2, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(y, jnp.tanh(h2) @ model.R[:, 4:].T, atol=1e-10)
-    # No connections outside the blocks, even after an update of the raw weights.
-    m_w, m_u, m_r = model.masks(6, 3)
-    assert m_w[:4].sum() == 0 and m_w[4:, 4:].sum() == 0 and m_u[4:].sum() == 0
-    assert m_r[:, :4].sum() == 0
+    (h1, h2, y), steps = free_equilibrium(model, x)
+    assert int(steps) == 0
+    w1, w2, r = (layer.weight for layer in model._layers())
+    b1, b2, c = (layer.bias for layer in model._layers())
+    np.testing.assert_allclose(h1, x @ w1.T + b1, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(h2, jnp.tanh(h1) @ w2.T + b2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, jnp.tanh(h2) @ r.T + c, rtol=1e-12, atol=1e-12)
+    phi = tuple(
+        jax.random.normal(k, (n,))
+        for k, n in zip(jax.random.split(jax.random.key(2), 3), (4, 5, 3))
+    )
+    assert_tree_close(
+        model.vector_field(phi, x[0]), _masked_dense_velocity(model, phi, x[0]), 1e-12
+    )
+    assert model.num_hidden == 9 and model.num_outputs == 3
+    assert model.limit_recurrent_norm(0.1) is model
 
 
 @pytest.mark.slow
 def test_rbp_gradient_matches_unrolled_backprop():
-    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(2))
+    model = EquilibriumNetwork(6, 3, 7, key=jax.random.key(2))
     x, labels = _batch(jax.random.key(3))
     grads, _, stats = RecurrentBackprop(rtol=1e-10, atol=1e-10)(
         model, None, x, labels, jax.random.key(0)
@@ -71,24 +94,36 @@ def test_rbp_gradient_matches_unrolled_backprop():
     assert stats["ok"] == 1.0
 
 
-def _assert_hebbian(grads, model, x, h, psi_h, psi_y):
-    # The batch mean of ΔW = ψ_h σ(h)ᵀ, ΔU = ψ_h xᵀ, ΔR = ψ_y σ(h)ᵀ, Δb = ψ_h,
-    # Δc = ψ_y, masked, written out by hand.
-    s = jnp.tanh(h)
-    m_w, m_u, m_r = model.masks(x.shape[1], psi_y.shape[1])
+def _assert_hebbian(grads, model, x, phi, psi):
+    # The batch mean of the local rule, written out by hand: ΔW = ψ_h σ(h)ᵀ,
+    # ΔU = ψ_h xᵀ, ΔR = ψ_y σ(h)ᵀ, Δb = ψ_h, Δc = ψ_y for the recurrent network;
+    # ΔW_l = ψ_l a_{l-1}ᵀ, Δb_l = ψ_l with a_0 = x, a_l = σ(h_l) layer by layer.
     n = x.shape[0]
-    np.testing.assert_allclose(-grads.W, psi_h.T @ s / n * m_w, atol=1e-8)
-    np.testing.assert_allclose(-grads.U, psi_h.T @ x / n * m_u, atol=1e-8)
-    np.testing.assert_allclose(-grads.R, psi_y.T @ s / n * m_r, atol=1e-8)
+    if isinstance(model, Feedforward):
+        inputs = (x, *(jnp.tanh(h) for h in phi[:-1]))
+        for layer, a, p in zip(grads._layers(), inputs, psi):
+            np.testing.assert_allclose(-layer.weight, p.T @ a / n, atol=1e-8)
+            np.testing.assert_allclose(-layer.bias, p.mean(0), atol=1e-8)
+        return
+    (h, _), (psi_h, psi_y) = phi, psi
+    s = jnp.tanh(h)
+    np.testing.assert_allclose(-grads.W, psi_h.T @ s / n, atol=1e-8)
+    np.testing.assert_allclose(-grads.U, psi_h.T @ x / n, atol=1e-8)
+    np.testing.assert_allclose(-grads.R, psi_y.T @ s / n, atol=1e-8)
     np.testing.assert_allclose(-grads.b, psi_h.mean(0), atol=1e-8)
     np.testing.assert_allclose(-grads.c, psi_y.mean(0), atol=1e-8)
+
+
+def _network(arch, key):
+    if arch == "ff":
+        return Feedforward(6, 3, (4, 5), key=key)
+    return EquilibriumNetwork(6, 3, 6, key=key)
 
 
 @pytest.mark.parametrize("arch", ["ff", "rnn"])
 @pytest.mark.slow
 def test_lcp_update_is_the_local_hebbian_rule(arch):
-    hidden = (4, 5) if arch == "ff" else 6
-    model = EquilibriumNetwork(6, 3, hidden, arch, key=jax.random.key(4))
+    model = _network(arch, jax.random.key(4))
     x, labels = _batch(jax.random.key(5))
     rule = LeastControl(variant="di", alpha=0.1, rtol=1e-10, atol=1e-10, max_steps=2000)
     grads, _, stats = rule(model, None, x, labels, jax.random.key(0))
@@ -98,9 +133,9 @@ def test_lcp_update_is_the_local_hebbian_rule(arch):
         return theta.vector_field(phi, xi[0])
 
     def loss(phi, args):
-        return cross_entropy(phi[1], args[1])
+        return cross_entropy(phi[-1], args[1])
 
-    (h0, y0), _ = free_equilibrium(model, x)
+    phi0, _ = free_equilibrium(model, x)
     _, info = jax.vmap(
         lambda p, xi, li: lcp.least_control_grad(
             f,
@@ -112,18 +147,17 @@ def test_lcp_update_is_the_local_hebbian_rule(arch):
             rtol=1e-10,
             atol=1e-10,
         )
-    )((h0, y0), x, labels)
-    h, _ = info.phi
-    psi_h, psi_y = info.psi
-    # The controlled equilibrium holds: f(φ) + ψ = 0.
-    fh, fy = jax.vmap(model.vector_field)(info.phi, x)
-    np.testing.assert_allclose(fh + psi_h, 0, atol=1e-8)
-    _assert_hebbian(grads, model, x, h, psi_h, psi_y)
+    )(phi0, x, labels)
+    # The controlled equilibrium holds: f(φ) + ψ = 0 on the hidden units.
+    velocity = jax.vmap(model.vector_field)(info.phi, x)
+    for fh, psi_h in zip(velocity[:-1], info.psi[:-1]):
+        np.testing.assert_allclose(fh + psi_h, 0, atol=1e-8)
+    _assert_hebbian(grads, model, x, info.phi, info.psi)
 
 
 @pytest.mark.slow
 def test_weak_control_recovers_the_implicit_gradient():
-    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(6))
+    model = EquilibriumNetwork(6, 3, 7, key=jax.random.key(6))
     x, labels = _batch(jax.random.key(7))
     alpha = 1e4
     grads, _, _ = LeastControl(variant="di", alpha=alpha, rtol=1e-12, atol=1e-12)(
@@ -146,7 +180,7 @@ def test_weak_control_recovers_the_implicit_gradient():
 def test_default_tolerance_follows_the_control_strength(variant):
     # ψ* is O(1/alpha): a fixed solver tolerance would let the update's relative
     # error grow with alpha (EBD at alpha = 1000 and tolerance 1e-4: about 50%).
-    model = EquilibriumNetwork(6, 3, (7, 7), "ff", key=jax.random.key(6))
+    model = Feedforward(6, 3, (7, 7), key=jax.random.key(6))
     x, labels = _batch(jax.random.key(7))
     alpha = 1000.0
     tight = LeastControl(
@@ -165,7 +199,7 @@ def test_default_tolerance_follows_the_control_strength(variant):
 
 @pytest.mark.slow
 def test_kp_feedback_with_transposed_weights_is_the_exact_jacobian():
-    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(8), feedback=True)
+    model = EquilibriumNetwork(6, 3, 7, key=jax.random.key(8), feedback=True)
     tied = eqx.tree_at(lambda m: (m.S_W, m.S_R), model, (model.W.T, model.R.T))
     phi = (jax.random.normal(jax.random.key(9), (7,)), jnp.ones(3))
     psi = (jax.random.normal(jax.random.key(10), (7,)), jnp.arange(3.0))
@@ -191,15 +225,17 @@ def test_kp_feedback_with_transposed_weights_is_the_exact_jacobian():
         g_dec.W - g_kp.W, decay.weight_decay * tied.W, atol=1e-10
     )
     with pytest.raises(ValueError, match="feedback=True"):
-        kp.init(EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(0)), None)
+        kp.init(EquilibriumNetwork(6, 3, 7, key=jax.random.key(0)), None)
 
 
+@pytest.mark.parametrize("arch", ["ff", "rnn"])
 @pytest.mark.parametrize("modulate", [True, False])
 @pytest.mark.slow
-def test_linear_feedback_update_is_the_local_rule(modulate):
-    model = EquilibriumNetwork(6, 3, (4, 5), "ff", key=jax.random.key(20))
+def test_linear_feedback_update_is_the_local_rule(modulate, arch):
+    model = _network(arch, jax.random.key(20))
+    n = model.num_hidden
     x, labels = _batch(jax.random.key(21))
-    q = 0.3 * jax.random.normal(jax.random.key(22), (12, 3)) + jnp.eye(12, 3, -9)
+    q = 0.3 * jax.random.normal(jax.random.key(22), (n + 3, 3)) + jnp.eye(n + 3, 3, -n)
     # q_lr = 0 leaves Q as given, so the update can be rebuilt from one solve.
     rule = LeastControl(
         variant="lf",
@@ -215,12 +251,12 @@ def test_linear_feedback_update_is_the_local_rule(modulate):
     assert stats["ok"] == 1.0
     np.testing.assert_array_equal(q_after, q)
 
-    (h0, y0), _ = free_equilibrium(model, x)
-    controller = lcp.LinearFeedback(Q=q, alpha=1.0, output=lambda phi: phi[1])
+    phi0, _ = free_equilibrium(model, x)
+    controller = lcp.LinearFeedback(Q=q, alpha=1.0, output=lambda phi: phi[-1])
     _, info = jax.vmap(
         lambda p, xi, li: lcp.least_control_grad(
             lambda phi, theta, a: theta.vector_field(phi, a[0]),
-            lambda phi, a: cross_entropy(phi[1], a[1]),
+            lambda phi, a: cross_entropy(phi[-1], a[1]),
             model,
             p,
             (xi, li),
@@ -230,14 +266,15 @@ def test_linear_feedback_update_is_the_local_rule(modulate):
             atol=1e-11,
             max_steps=4096,
         )
-    )((h0, y0), x, labels)
-    h, _ = info.phi
-    qu = info.u[1] @ q.T  # the control applied to every unit, Qu
-    psi_h, psi_y = qu[:, :9], qu[:, 9:]
-    np.testing.assert_allclose(info.psi[0], psi_h, atol=1e-9)
+    )(phi0, x, labels)
+    qu = info.u[-1] @ q.T  # the control applied to every unit, Qu
+    splits = np.cumsum([p.shape[1] for p in info.phi])[:-1]
+    psi = jnp.split(qu, splits, axis=1)
+    assert_tree_close(info.psi, tuple(psi), 1e-9)
     if modulate:
-        psi_h = (1 - jnp.tanh(h) ** 2) * psi_h
-    _assert_hebbian(grads, model, x, h, psi_h, psi_y)
+        psi = [(1 - jnp.tanh(h) ** 2) * p for h, p in zip(info.phi[:-1], psi[:-1])]
+        psi.append(qu[:, n:])
+    _assert_hebbian(grads, model, x, info.phi, tuple(psi))
 
 
 @pytest.mark.slow
@@ -245,7 +282,7 @@ def test_modulated_linear_feedback_recovers_di_with_the_unit_free_feedback():
     # With D = diag tanh'(h), DI's feedback is [D (I - WᵀD)⁻¹ Rᵀ; I]. A Q equal to
     # the part without the units' own D, [(I - WᵀD)⁻¹ Rᵀ; I], plus the modulation
     # gives DI's update in the weak-control limit; without the modulation it does not.
-    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(23))
+    model = EquilibriumNetwork(6, 3, 7, key=jax.random.key(23))
     x, labels = _batch(jax.random.key(24), n=1)
     (h0, _), _ = free_equilibrium(model, x, rtol=1e-12, atol=1e-12)
     d = jnp.diag(1 - jnp.tanh(h0[0]) ** 2)
@@ -270,7 +307,7 @@ def test_modulated_linear_feedback_recovers_di_with_the_unit_free_feedback():
 
 @pytest.mark.slow
 def test_failed_solves_are_left_out_of_update_and_stats():
-    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(25))
+    model = EquilibriumNetwork(6, 3, 7, key=jax.random.key(25))
     x, labels = _batch(jax.random.key(26))
     # Two steps of a strong controller cannot reach 1e-12: every solve fails.
     rule = LeastControl(variant="di", alpha=0.1, rtol=1e-12, atol=1e-12, max_steps=2)
@@ -283,7 +320,7 @@ def test_failed_solves_are_left_out_of_update_and_stats():
 
 @pytest.mark.slow
 def test_linear_feedback_learns_q_towards_the_di_update():
-    model = EquilibriumNetwork(6, 3, 7, "rnn", key=jax.random.key(12))
+    model = EquilibriumNetwork(6, 3, 7, key=jax.random.key(12))
     x, labels = _batch(jax.random.key(13), n=8)
     rule = LeastControl(variant="lf", alpha=0.1, q_steps=4000, q_samples=8)
     q = rule.init(model, jax.random.key(0))
@@ -309,7 +346,7 @@ def test_training_with_optax_learns():
     y = rng.integers(0, 3, size=120)
     xs = (centres[y] + rng.normal(size=(120, 6))).astype(np.float32)
     ds = Dataset(xs[:90], y[:90], xs[90:], y[90:], 3, "blobs")
-    model = EquilibriumNetwork(6, 3, 8, "rnn", key=jax.random.key(0), dtype=jnp.float32)
+    model = EquilibriumNetwork(6, 3, 8, key=jax.random.key(0), dtype=jnp.float32)
     for rule in (RecurrentBackprop(), LeastControl(variant="di")):
         trained, hist = train_classifier(
             model,
@@ -326,7 +363,7 @@ def test_training_with_optax_learns():
     # The spectral-norm limit holds after training, for W and KP's S_W alike; at
     # this learning rate the unconstrained W grows past it.
     kp_model = EquilibriumNetwork(
-        6, 3, 8, "rnn", key=jax.random.key(0), feedback=True, dtype=jnp.float32
+        6, 3, 8, key=jax.random.key(0), feedback=True, dtype=jnp.float32
     )
     for rule, limit in ((LeastControl(variant="kp"), 0.3), (RecurrentBackprop(), None)):
         trained, _ = train_classifier(
@@ -352,7 +389,7 @@ def test_cosine_step_size_against_a_hand_written_adam():
     xs = jnp.asarray(rng.normal(size=(16, 5)))
     ys = jnp.asarray(rng.integers(0, 3, size=16))
     ds = Dataset(np.asarray(xs), np.asarray(ys), np.asarray(xs), np.asarray(ys), 3, "t")
-    model = EquilibriumNetwork(5, 3, 6, "rnn", key=jax.random.key(0))
+    model = EquilibriumNetwork(5, 3, 6, key=jax.random.key(0))
     rule, lr, epochs = RecurrentBackprop(), 3e-2, 6
     trained, _ = train_classifier(
         model, rule, ds, epochs=epochs, batch_size=16, learning_rate=lr,
@@ -534,10 +571,14 @@ def test_meta_train_tests_each_method_with_its_own_inner_learner():
 
 
 def test_bad_model_arguments():
-    with pytest.raises(ValueError, match="architecture"):
-        EquilibriumNetwork(2, 2, 3, "cnn", key=jax.random.key(0))  # pyright: ignore
-    with pytest.raises(ValueError, match="single hidden size"):
-        EquilibriumNetwork(2, 2, (3, 3), "rnn", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="Feedforward"):
+        EquilibriumNetwork(2, 2, (3, 3), key=jax.random.key(0))  # pyright: ignore
+    with pytest.raises(ValueError, match="positive"):
+        EquilibriumNetwork(2, 2, 0, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="hidden layer"):
+        Feedforward(2, 2, (), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="hidden layer"):
+        Feedforward(2, 2, (3, 0), key=jax.random.key(0))
     with pytest.raises(ValueError, match="variant"):
         LeastControl(variant="bp")  # pyright: ignore
 
@@ -555,7 +596,7 @@ def test_train_classifier_on_a_one_device_mesh():
 
     def run(mesh):
         model = ex.EquilibriumNetwork(
-            64, 10, (8,), "rnn", key=jax.random.key(0), dtype=jnp.float64
+            64, 10, 8, key=jax.random.key(0), dtype=jnp.float64
         )
         return ex.train_classifier(
             model,
@@ -574,3 +615,20 @@ def test_train_classifier_on_a_one_device_mesh():
     (m1, h1), (m2, h2) = run(mesh), run(None)
     assert h1["test_accuracy"] == h2["test_accuracy"]
     assert float(jnp.max(jnp.abs(m1.W - m2.W))) <= 1e-12
+
+
+def test_feedforward_kp_feedback_with_forward_weights_is_the_exact_jacobian():
+    model = Feedforward(6, 3, (4, 5), key=jax.random.key(30), feedback=True)
+    assert model.has_feedback and len(model.feedback) == 2
+    tied = eqx.tree_at(
+        lambda m: m.feedback, model, tuple(b.weight for b in model._layers()[1:])
+    )
+    keys = jax.random.split(jax.random.key(31), 6)
+    phi = tuple(jax.random.normal(k, (n,)) for k, n in zip(keys[:3], (4, 5, 3)))
+    psi = tuple(jax.random.normal(k, (n,)) for k, n in zip(keys[3:], (4, 5, 3)))
+    _, vjp = jax.vjp(lambda p: model.vector_field(p, jnp.ones(6)), phi)
+    assert_tree_close(tied.kp_feedback(phi, psi), vjp(psi)[0], 1e-12)
+    # Random feedback weights give another pathway.
+    assert tree_cosine(model.kp_feedback(phi, psi), vjp(psi)[0]) < 0.99
+    with pytest.raises(ValueError, match="feedback=True"):
+        Feedforward(6, 3, (4, 5), key=jax.random.key(0)).kp_feedback(phi, psi)

@@ -1,7 +1,8 @@
-"""The paper's experiments as reusable pieces: offline data, the equilibrium network
-and the convolutional networks, their update rules (recurrent backprop and the
-least-control variants), and the few-shot meta-learning task with complex
-synapses. The `lcp-solvers` command (`lcp_solvers_cli`) runs them.
+"""The paper's experiments as reusable pieces: offline data, the recurrent equilibrium
+network, the layered (dense and convolutional) networks and the convolutional DEQ,
+their update rules (recurrent backprop and the least-control variants), and the
+few-shot meta-learning task with complex synapses. The `lcp-solvers` command
+(`lcp_solvers_cli`) runs them.
 
 They sit on top of the library and use only its public names (`import lcp_solvers as
 lcp`); the library itself never imports this subpackage.
@@ -27,6 +28,10 @@ from ._data import (
 from ._eqnet import (
     cross_entropy as cross_entropy,
     EquilibriumNetwork as EquilibriumNetwork,
+)
+from ._layered import (
+    AbstractLayeredNetwork as AbstractLayeredNetwork,
+    Feedforward as Feedforward,
 )
 from ._meta import (
     ComplexSynapseLearner as ComplexSynapseLearner,

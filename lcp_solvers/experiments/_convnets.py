@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 import lcp_solvers as lcp
 
+from ._layered import AbstractLayeredNetwork
 from ._model import AbstractEquilibriumModel
 
 
@@ -47,7 +48,7 @@ def _like(weight, key):
     return jax.random.uniform(key, weight.shape, weight.dtype, -bound, bound)
 
 
-class ConvFeedforward(AbstractEquilibriumModel):
+class ConvFeedforward(AbstractLayeredNetwork):
     r"""A layered convolutional network written as an equilibrium network: the
     convolutional feedforward model of Table 2 of Meulemans et al. (NeurIPS 2022).
 
@@ -161,81 +162,12 @@ class ConvFeedforward(AbstractEquilibriumModel):
     def _layers(self):
         return (*self.convs, *self.denses, self.readout)
 
-    def _block(self, i, a, weight=None):
-        # Block `i` of the stack applied to its input activation `a`; with `weight`,
-        # that weight in place of the block's own (for products with the input only:
-        # the bias stays).
-        layer = self._layers()[i]
-        if weight is not None:
-            layer = eqx.tree_at(lambda m: m.weight, layer, weight)
+    def _apply(self, i, layer, a):
         if i == 0:
             return self.pool(layer(a))
         if i < len(self.convs):
             return layer(a)
         return layer(jnp.ravel(a))
-
-    @property
-    def has_feedback(self) -> bool:
-        return self.feedback is not None
-
-    def kp_feedback(self, phi, psi):
-        # Block l's ψ reaches block l-1 through its own transposed map, a transposed
-        # convolution (or transposed matrix) with the learned feedback weight in
-        # place of the forward weight, then σ'(h_{l-1}).
-        if self.feedback is None:
-            return super().kp_feedback(phi, psi)
-        back = [-p for p in psi]
-        feedback = self.feedback
-        for i in range(1, len(phi)):
-            _, vjp = jax.vjp(
-                lambda h, i=i: self._block(i, self.activation(h), feedback[i - 1]),
-                phi[i - 1],
-            )
-            (g,) = vjp(psi[i])
-            back[i - 1] = back[i - 1] + g
-        return tuple(back)
-
-    def kp_grads(self, grads, phi, psi, decay):
-        # The feedback weight of block l follows the block's Hebbian term, which is
-        # the least-control update of its forward weight (same shape): the feedback
-        # convolution tracks the forward one. The encoder has no feedback weight and
-        # no decay, as the dense network's input weights.
-        if self.feedback is None:
-            return super().kp_grads(grads, phi, psi, decay)
-        layers, grad_layers = self._layers()[1:], grads._layers()[1:]
-        forward = tuple(
-            g.weight + decay * m.weight for g, m in zip(grad_layers, layers)
-        )
-        backward = tuple(
-            g.weight + decay * s for g, s in zip(grad_layers, self.feedback)
-        )
-        grads = eqx.tree_at(
-            lambda t: tuple(layer.weight for layer in t._layers()[1:]), grads, forward
-        )
-        return eqx.tree_at(lambda t: t.feedback, grads, backward)
-
-    def forward(self, x: Float[Array, "c h w"]) -> tuple[Array, ...]:
-        """The free equilibrium of one image: its forward pass, every block's
-        pre-activation and the logits."""
-        phi = []
-        a = x
-        for i in range(len(self._layers())):
-            h = self._block(i, a)
-            phi.append(h)
-            a = self.activation(h)
-        return tuple(phi)
-
-    def vector_field(self, phi, x):
-        inputs = (x, *(self.activation(h) for h in phi[:-1]))
-        return tuple(self._block(i, a) - h for i, (a, h) in enumerate(zip(inputs, phi)))
-
-    def free_equilibrium(self, x, *, rtol, atol, max_steps, adjoint):
-        del rtol, atol, max_steps, adjoint
-        phi = jax.vmap(self.forward)(x)
-        return phi, jnp.zeros((), jnp.int32)
-
-    def output(self, phi):
-        return phi[-1]
 
 
 class ConvDEQCell(eqx.Module):

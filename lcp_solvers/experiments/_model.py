@@ -3,7 +3,9 @@
 import abc
 
 import equinox as eqx
+import jax
 import jax.tree_util as jtu
+import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float, PyTree
 
@@ -57,6 +59,16 @@ class AbstractEquilibriumModel(eqx.Module):
         del phi, x, key
         return None
 
+    def unit_slopes(self, phi: PyTree[Array]) -> PyTree[Array]:
+        """The slope `σ'(h)` of every unit's activation at the state `phi` of one
+        example, `1` for linear (output) units, shaped like `phi`: the local factor
+        by which `LeastControl(variant="lf", modulate=True)` scales each unit's
+        learning signal."""
+        raise ValueError(
+            f"{type(self).__name__} does not define `unit_slopes`, which "
+            "`LeastControl(variant='lf')` needs; use variant 'di', 'kp' or 'ebd'."
+        )
+
     @property
     def has_feedback(self) -> bool:
         """Whether the network has learned feedback weights for Kolen–Pollack
@@ -90,3 +102,13 @@ class AbstractEquilibriumModel(eqx.Module):
         network without such a constraint."""
         del max_norm
         return self
+
+
+def lecun_normal(key, shape: tuple[int, int], dtype, fan_in: int | None = None):
+    """A weight matrix `(fan_out, fan_in)` with entries `N(0, 1/fan_in)` of `dtype`:
+    the initialisation of the paper's dense networks (`fan_in` given for a feedback
+    matrix, which has its forward weight's transposed shape). The scale is a `dtype`
+    scalar, so that a float32 network stays float32 with x64 enabled."""
+    fan_in = shape[1] if fan_in is None else fan_in
+    scale = np.sqrt(np.asarray(fan_in, np.dtype(dtype)))
+    return jax.random.normal(key, shape, dtype) / scale

@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 import lcp_solvers as lcp
 
 from ._eqnet import cross_entropy, EquilibriumNetwork
+from ._layered import Feedforward
 from ._model import AbstractEquilibriumModel
 from ._sharding import check_batch_size, check_jax_version, replicate, shard_batch
 
@@ -147,9 +148,10 @@ def _gradient_through_equilibrium(model, x, labels, adjoint, rtol, atol, key):
 class RecurrentBackprop(AbstractUpdateRule):
     """The baseline: the gradient of the mean cross-entropy at the free equilibrium,
     by implicit differentiation (`optx.ImplicitAdjoint`, the converged limit of
-    recurrent backprop). For a layered network (the `"ff"` architecture,
-    [`lcp_solvers.experiments.ConvFeedforward`][]) this is exact backprop; the
-    convolutional network computes it through its explicit forward pass.
+    recurrent backprop). For a layered network
+    ([`lcp_solvers.experiments.Feedforward`][],
+    [`lcp_solvers.experiments.ConvFeedforward`][]) it is plain backprop through the
+    explicit forward pass.
 
     **Arguments:**
 
@@ -304,21 +306,21 @@ class LeastControl(AbstractUpdateRule):
             if not model.has_feedback:
                 raise ValueError(
                     "`LeastControl(variant='kp')` needs Kolen-Pollack feedback "
-                    f"weights: build the {type(model).__name__} with "
-                    "`feedback=True` (EquilibriumNetwork, ConvFeedforward)."
+                    f"weights: build the {type(model).__name__} with `feedback=True` "
+                    "(EquilibriumNetwork, Feedforward, ConvFeedforward)."
                 )
             return None
-        # LF's matrix Q and its σ'(h) modulation are written for the dense network.
-        if not isinstance(model, EquilibriumNetwork):
+        # LF's matrix Q maps the output control to every unit of the state.
+        if not isinstance(model, (EquilibriumNetwork, Feedforward)):
             raise ValueError(
-                "`LeastControl(variant='lf')` is implemented for "
-                f"`EquilibriumNetwork` only, got a {type(model).__name__}; use "
-                "variant 'di', 'kp' or 'ebd'."
+                "`LeastControl(variant='lf')` is implemented for `EquilibriumNetwork` "
+                f"and `Feedforward`, got a {type(model).__name__}; use variant 'di', "
+                "'kp' or 'ebd'."
             )
         n, c = model.num_hidden, model.num_outputs
         # `linear_feedback_update` advises a zero start: a random Q can destabilise
         # the feedback loop.
-        return jnp.zeros((n + c, c), model.W.dtype)
+        return jnp.zeros((n + c, c), model.dtype)
 
     def _tolerances(self):
         alpha = self.alpha
@@ -334,7 +336,7 @@ class LeastControl(AbstractUpdateRule):
         if self.variant == "ebd":
             return lcp.EnergyBased(beta=1 / self.alpha)
         if self.variant == "lf":
-            return lcp.LinearFeedback(Q=q, alpha=self.alpha, output=lambda phi: phi[1])
+            return lcp.LinearFeedback(Q=q, alpha=self.alpha, output=static.output)
 
         def feedback(phi, theta, args, psi):
             return eqx.combine(theta, static).kp_feedback(phi, psi)
@@ -387,12 +389,11 @@ class LeastControl(AbstractUpdateRule):
         info = jax.vmap(one)(phi_free, x, labels)
         ok = info.result == lcp.RESULTS.successful
         if self.variant == "lf" and self.modulate:
-            h, _ = info.phi
-            psi_h, psi_y = info.psi
             # The hidden units' learning signal σ'(h)⊙(Qu)_h: the optimal feedback
             # (∂_φ f)^{-T} has every unit's own σ'(h_i) as a left factor, which the
             # unit can apply locally; one Q shared by all examples cannot.
-            psi = ((1 - jnp.tanh(h) ** 2) * psi_h, psi_y)
+            slopes = jax.vmap(model.unit_slopes)(info.phi)
+            psi = jtu.tree_map(jnp.multiply, slopes, info.psi)
         else:
             psi = info.psi
         # A solve that hit `max_steps` or diverged returns an arbitrary ψ (NaN after
@@ -423,27 +424,28 @@ class LeastControl(AbstractUpdateRule):
         # The noise rule is run online, a short stretch per batch on a few examples'
         # free equilibria (averaged), so `Q` tracks the network as it learns.
         params, static = eqx.partition(model, eqx.is_inexact_array)
-        h, y = (p[: self.q_samples] for p in phi_free)
+        phi = jtu.tree_map(lambda p: p[: self.q_samples], phi_free)
 
         def f(phi, theta, xi):
             return eqx.combine(theta, static).vector_field(phi, xi)
 
-        def one(hi, yi, xi, k):
+        def one(phi_i, xi, k):
             return lcp.linear_feedback_update(
                 f,
                 params,
-                (hi, yi),
+                phi_i,
                 q,
                 xi,
                 key=k,
-                output=lambda phi: phi[1],
+                output=model.output,
                 num_steps=self.q_steps,
                 learning_rate=self.q_lr,
                 decay=self.q_decay,
             )
 
-        keys = jax.random.split(key, h.shape[0])
-        return jnp.mean(jax.vmap(one)(h, y, x[: self.q_samples], keys), axis=0)
+        x = x[: self.q_samples]
+        keys = jax.random.split(key, x.shape[0])
+        return jnp.mean(jax.vmap(one)(phi, x, keys), axis=0)
 
 
 def _batch_update(f, params, phi, psi, args, keep):
