@@ -77,10 +77,21 @@ def polished_scale(
     and in smaller units `|r| < atol` could not be met)."""
     _, floor = _signal_and_rounding_floor(system, state[0], atol)
     found = tree_rms(state[1:])
-    eps = jnp.finfo(found.dtype).eps
-    state_floor = 10 * eps * tree_rms(state[0]).astype(found.dtype) / atol
-    floor = jnp.maximum(_weighted(controller, floor).astype(found.dtype), state_floor)
+    floor = jnp.maximum(
+        _weighted(controller, floor).astype(found.dtype),
+        state_resolution(state[0], atol).astype(found.dtype),
+    )
     return jnp.maximum(found, floor)
+
+
+def state_resolution(phi: PyTree[Array], atol: float) -> Array:
+    """The smallest units in which controls of a state like `phi` can be resolved to
+    `atol`: `10·eps·rms(phi)/atol`. A control is a difference of velocities of the
+    state's size (`ψ = -f(φ)` at rest), so it carries a rounding error of order
+    `eps·rms(φ)`; in finer units `|r| < atol` could not be met (in float32 at
+    `atol = 1e-4`, units below about `0.01·rms(φ)`)."""
+    rms = tree_rms(phi)
+    return 10 * jnp.finfo(rms.dtype).eps * rms / jnp.asarray(atol, rms.dtype)
 
 
 def _weighted(controller, g):
@@ -210,6 +221,15 @@ def controlled_equilibrium(
     `throw=True` a failure raises, its message starting with `what`.
     """
     scale = control_scale(system, controller, phi0, atol)
+    if not at_rest:
+        # Away from rest the controls are found by moving the state, so they are not
+        # resolved below the state's rounding level: a weak learning signal (a
+        # well-fitted example, a large leak) would otherwise ask for units in which
+        # the tolerance cannot be met, and the solve would run to `max_steps` (in
+        # float32, 2-3% of a trained network's examples, each holding its whole
+        # vmapped batch for `max_steps`).
+        resolution = state_resolution(phi0, atol).astype(scale.dtype)
+        scale = jnp.where(scale > 0, jnp.maximum(scale, resolution), scale)
     state0 = controller.init(system, phi0)
     if at_rest:
         no_signal = scale == 0

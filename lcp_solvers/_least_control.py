@@ -287,9 +287,12 @@ def least_control_grad(
         lower precision. The controls are solved for in units of their scale at
         `phi0` (`rms(∇L)/α` for a leaky controller, `rms(∇L)` for `alpha = 0`; 1
         where `∇L(phi0)` vanishes), so the tolerances are relative to the learning
-        signal whatever the loss's scale or `alpha`. Where the controls found are
-        much smaller than those units, the solve is polished in the controls' own
-        units (down to the rounding level of the state; docs/architecture.md).
+        signal whatever the loss's scale or `alpha`, but never finer than the
+        rounding level of the state, `10·eps·rms(phi0)/atol` (a control is a
+        difference of velocities of the state's size): in float32 a weak signal
+        against a large state is resolved only to that level, not to `rtol`.
+        Where the controls found are much smaller than the units, the solve is
+        polished in the controls' own units (docs/architecture.md).
     - `max_steps`: the most steps of each solve. The default is higher than
         optimistix's 256: on random contractive layers with a cross-entropy loss at
         `alpha <= 1e-2` a few samples in 3000 need 256-750 steps (the median is 42).
