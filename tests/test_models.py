@@ -632,3 +632,19 @@ def test_feedforward_kp_feedback_with_forward_weights_is_the_exact_jacobian():
     assert tree_cosine(model.kp_feedback(phi, psi), vjp(psi)[0]) < 0.99
     with pytest.raises(ValueError, match="feedback=True"):
         Feedforward(6, 3, (4, 5), key=jax.random.key(0)).kp_feedback(phi, psi)
+
+
+@pytest.mark.parametrize("variant", ["di", "ebd", "kp"])
+def test_a_nan_example_is_left_out_of_the_update(variant):
+    # A solve that fails with a NaN state (here: a NaN input, so a NaN free
+    # equilibrium) is dropped; its NaN activations must not reach the batch update
+    # through ψσ(h)ᵀ with a zero ψ (they did: every parameter became NaN and training
+    # stalled at chance). The update is then the one of the other examples alone.
+    model = Feedforward(6, 3, (4, 5), key=jax.random.key(40), feedback=True)
+    x, labels = _batch(jax.random.key(41))
+    x = x.at[0].set(jnp.nan)
+    rule = LeastControl(variant=variant, alpha=1.0, rtol=1e-10, atol=1e-10)
+    grads, _, stats = rule(model, None, x, labels, jax.random.key(0))
+    assert float(stats["ok"]) == pytest.approx(0.8)
+    expected, _, _ = rule(model, None, x[1:], labels[1:], jax.random.key(0))
+    assert_tree_close(grads, expected, 1e-10)

@@ -417,7 +417,8 @@ class LeastControl(AbstractUpdateRule):
             ok=jnp.mean(ok),
         )
         if self.variant == "kp":
-            grads = model.kp_grads(grads, info.phi, info.psi, self.weight_decay)
+            phi_kept, psi_kept = _kept_rows(keep, info.phi), _kept_rows(keep, info.psi)
+            grads = model.kp_grads(grads, phi_kept, psi_kept, self.weight_decay)
         return grads, state, stats
 
     def _lf_update(self, model, q, x, key, phi_free):
@@ -456,17 +457,26 @@ def _batch_update(f, params, phi, psi, args, keep):
     dtype = jtu.tree_leaves(psi)[0].dtype
     count = jnp.maximum(jnp.sum(keep.astype(dtype)), 1)
 
-    def cotangent(p):
-        mask = keep.reshape((-1,) + (1,) * (p.ndim - 1))
-        return -jnp.where(mask, p, 0) / count
+    # A dropped example's state and input are masked too: after a diverged solve
+    # (or from a NaN input) they are NaN, and a zero cotangent times NaN activations
+    # (ψσ(h)ᵀ) is NaN, not zero.
+    phi, psi, args = (_kept_rows(keep, t) for t in (phi, psi, args))
 
     diff, static = eqx.partition(params, eqx.is_inexact_array)
     _, vjp = jax.vjp(
         lambda d: jax.vmap(lambda p, a: f(p, eqx.combine(d, static), a))(phi, args),
         diff,
     )
-    (theta_bar,) = vjp(jtu.tree_map(cotangent, psi))
+    (theta_bar,) = vjp(jtu.tree_map(lambda p: -p / count, psi))
     return theta_bar
+
+
+def _kept_rows(keep: Array, tree: PyTree[Array]) -> PyTree[Array]:
+    """`tree` with the rows (leading axis) of the examples not kept set to zero, by
+    `where`: a failed solve's value is arbitrary, NaN after divergence."""
+    return jtu.tree_map(
+        lambda p: jnp.where(keep.reshape((-1,) + (1,) * (p.ndim - 1)), p, 0), tree
+    )
 
 
 @functools.cache
