@@ -29,6 +29,12 @@ on that batch (`Q = -Σ Aᵀ (Σ A Aᵀ)⁻¹` with `A = [0, I](∂_φ f)⁻¹` 
 lag BP/RBP, the gap is the shared `Q`, not how it is learned. The hidden units'
 learning signal is modulated by their own `σ'(h)` (`LeastControl`'s default) unless
 `--no-modulate` is given.
+
+Written for the dense networks as they were when these diagnostics ran: the feedforward
+net as an `EquilibriumNetwork` with a masked dense `W` (attributes `W`, `S_W`, `R`,
+`S_R`). The recurrent runs (`--arch rnn`) still run as they did; the feedforward net is
+now `Feedforward` (layer weights and a `feedback` tuple), so the `--arch ff` runs need
+the code before commit 4f8b284.
 """
 
 import argparse
@@ -45,8 +51,8 @@ from lcp_solvers.experiments import (
     load_dataset,
     train_classifier,
 )
-from lcp_solvers.experiments._cli import _initial_model
 from lcp_solvers.experiments._train import _adam, _train_step
+from lcp_solvers_cli._cli import _initial_model
 
 
 def _cos(a, b):

@@ -4,6 +4,7 @@ matrices), and each block is trained by its own local signal."""
 
 import abc
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -34,11 +35,12 @@ class AbstractLayeredNetwork(AbstractEquilibriumModel):
     activation: eqx.AbstractVar[Callable[[Array], Array]]
 
     @abc.abstractmethod
-    def _layers(self) -> tuple[eqx.Module, ...]:
-        """The blocks in order, the readout last; each has a `weight`."""
+    def _layers(self) -> tuple[Any, ...]:
+        """The blocks in order, the readout last: equinox layers, each with a
+        `weight`."""
 
     @abc.abstractmethod
-    def _apply(self, i: int, layer: eqx.Module, a: Array) -> Array:
+    def _apply(self, i: int, layer: Any, a: Array) -> Array:
         """Block `i`'s map `F_i` with the weights of `layer` (the block itself, or
         the block with a feedback weight in place of its own) on its input `a`."""
 
