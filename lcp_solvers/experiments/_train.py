@@ -228,11 +228,12 @@ class LeastControl(AbstractUpdateRule):
         - `"di"`: dynamic inversion with the exact `(∂_φ f)ᵀψ`;
         - `"kp"`: dynamic inversion with `Wᵀ, Rᵀ` replaced by learned feedback weights
             `S_W, S_R` (Kolen–Pollack: `ΔS = σψᵀ - γS`, `ΔW = ψσᵀ - γW`; on a
-            [`lcp_solvers.experiments.ConvFeedforward`][], transposed convolutions
+            layered network, one feedback weight per layer, used transposed, and on
+            [`lcp_solvers.experiments.ConvFeedforward`][] transposed convolutions
             with learned kernels); the model must be built with `feedback=True`;
         - `"lf"`: linear feedback `ψ = Q u` with `Q` learned by the noise-driven rule
             of [`lcp_solvers.linear_feedback_update`][] (see `modulate`;
-            `EquilibriumNetwork` only);
+            `EquilibriumNetwork` and `Feedforward` only);
         - `"ebd"`: energy-based dynamics at `β = 1/α`.
     - `alpha`: leak of the output controller, for the per-example loss (the paper's
         0.1 is for a batch-mean loss: at batch `B` it is `alpha = 0.1·B` here).
