@@ -572,6 +572,9 @@ def test_meta_train_tests_each_method_with_its_own_inner_learner():
 
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="Feedforward"):
+        EquilibriumNetwork(2, 2, 3, "ff", key=jax.random.key(0))  # pyright: ignore
+    EquilibriumNetwork(2, 2, 3, "rnn", key=jax.random.key(0))  # older calls
+    with pytest.raises(ValueError, match="Feedforward"):
         EquilibriumNetwork(2, 2, (3, 3), key=jax.random.key(0))  # pyright: ignore
     with pytest.raises(ValueError, match="positive"):
         EquilibriumNetwork(2, 2, 0, key=jax.random.key(0))

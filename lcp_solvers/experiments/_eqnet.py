@@ -1,6 +1,8 @@
 """The paper's recurrent equilibrium network `φ̇ = -φ + Wσ(φ) + Ux + b` with output
 units."""
 
+from typing import Literal
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,9 @@ class EquilibriumNetwork(AbstractEquilibriumModel):
 
     - `in_size`, `out_size`: input features and classes.
     - `hidden`: the number of recurrent units.
+    - `architecture`: `"rnn"`, the only one (kept so that calls written when this
+        class also built the feedforward net still work; that net is now
+        [`lcp_solvers.experiments.Feedforward`][]).
     - `key`: a JAX PRNG key.
     - `recurrent_scale`: spectral-norm-ish scale of the initial recurrent weights
         (below 1 so the free dynamics start contracting).
@@ -56,12 +61,20 @@ class EquilibriumNetwork(AbstractEquilibriumModel):
         in_size: int,
         out_size: int,
         hidden: int,
+        architecture: Literal["rnn"] = "rnn",
         *,
         key: PRNGKeyArray,
         recurrent_scale: float = 0.5,
         feedback: bool = False,
         dtype=None,
     ):
+        if architecture != "rnn":
+            raise ValueError(
+                f"`EquilibriumNetwork(architecture=...)` is 'rnn' only, got "
+                f"{architecture!r}. The feedforward network is "
+                "`Feedforward(in_size, out_size, hidden_sizes, key=...)`, computed "
+                "layer by layer."
+            )
         if isinstance(hidden, str) or not isinstance(hidden, int):
             raise ValueError(
                 "`EquilibriumNetwork(in_size, out_size, hidden)` is the recurrent "
