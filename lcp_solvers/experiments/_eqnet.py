@@ -75,7 +75,7 @@ class EquilibriumNetwork(AbstractEquilibriumModel):
                 "`Feedforward(in_size, out_size, hidden_sizes, key=...)`, computed "
                 "layer by layer."
             )
-        if isinstance(hidden, str) or not isinstance(hidden, int):
+        if not isinstance(hidden, int):
             raise ValueError(
                 "`EquilibriumNetwork(in_size, out_size, hidden)` is the recurrent "
                 f"network: `hidden` is one number of units, got {hidden!r}. The "
@@ -100,8 +100,7 @@ class EquilibriumNetwork(AbstractEquilibriumModel):
         if feedback:
             # S_W drives the feedback (adjoint-like) dynamics as W drives the free
             # ones: the same scale keeps both contracting.
-            s_w = lecun_normal(ks1, (n, n), dtype)
-            self.S_W = recurrent_scale * s_w
+            self.S_W = recurrent_scale * lecun_normal(ks1, (n, n), dtype)
             self.S_R = lecun_normal(ks2, (n, out_size), dtype, fan_in=n)
         else:
             self.S_W = None

@@ -67,14 +67,12 @@ def mean_of_successful(ok: Array, tree: PyTree[Array]) -> PyTree[Array]:
     keep = ok.astype(dtype)
     denom = jnp.maximum(jnp.sum(keep), 1)
 
-    def mean(g):
-        mask = ok.reshape((-1,) + (1,) * (g.ndim - 1))
-        # A contraction with the weights, not a sum over the masked stack: XLA fuses
-        # it with the per-example outer products ψσᵀ into one matrix product instead
-        # of materialising them (3x faster per epoch at 2 x 256 units).
-        return jnp.tensordot(keep, jnp.where(mask, g, 0), axes=1) / denom
-
-    return jtu.tree_map(mean, tree)
+    # A contraction with the weights, not a sum over the masked stack: XLA fuses it
+    # with the per-example outer products ψσᵀ into one matrix product instead of
+    # materialising them (3x faster per epoch at 2 x 256 units).
+    return jtu.tree_map(
+        lambda g: jnp.tensordot(keep, g, axes=1) / denom, _kept_rows(ok, tree)
+    )
 
 
 class AbstractUpdateRule(eqx.Module):
